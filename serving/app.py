@@ -1,0 +1,186 @@
+"""One serving process: models, gRPC server, HTTP server, metering, graceful shutdown.
+
+``PaddleMeterServer`` is what ``paddle-meter serve`` runs in each worker process and what
+tests and benchmarks start in-process. Startup order: load models (blocking, in a thread),
+set up metering, bind gRPC then HTTP. Shutdown (SIGTERM/SIGINT or :meth:`stop`): report
+NOT_SERVING, stop accepting, let in-flight requests finish within the grace period, then
+flush metering and the ledger, and close the models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import service_pb2_grpc
+
+from serving import oip_grpc, pipeline
+from serving.http_app import BodyLimit, build_http_app
+from serving.metering_setup import Metering, build_metering
+from serving.model_host import ModelHost
+from serving.proto import pipeline_service_pb2_grpc
+
+__all__ = ["PaddleMeterServer", "serve_forever"]
+
+log = logging.getLogger(__name__)
+
+
+def _listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror}") from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class PaddleMeterServer:
+    """Both transports over one ModelHost. Ports of 0 pick free ones (see ``*_port`` after start)."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+        server = config["server"]
+        self._host_addr: str = server["host"]
+        self.grpc_port: int = int(server["grpc_port"])
+        self.http_port: int = int(server["http_port"])
+        self._reuse_port = int(server.get("workers", 1)) > 1
+        self._grace_s = float(server["shutdown_grace_s"])
+        self._max_bytes = int(server["max_message_bytes"])
+        self.models = ModelHost(config["models"], server)
+        self.metering: Metering | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._health = health.aio.HealthServicer()
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    async def start(self) -> None:
+        data_dir = Path(self.config["server"]["data_dir"])
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await asyncio.to_thread(self.models.load)
+        self.metering = build_metering(self.config, data_dir)
+        await self._start_grpc()
+        await self._start_http()
+        for name in ("", oip_grpc.SERVICE_NAME, pipeline.SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving",
+            extra={
+                "grpc": f"{self._host_addr}:{self.grpc_port}",
+                "http": f"{self._host_addr}:{self.http_port}",
+                "models": ",".join(self.models.names()),
+                "pid": os.getpid(),
+            },
+        )
+
+    async def _start_grpc(self) -> None:
+        assert self.metering is not None
+        options = [
+            ("grpc.so_reuseport", 1 if self._reuse_port else 0),
+            ("grpc.max_receive_message_length", self._max_bytes),
+            ("grpc.max_send_message_length", self._max_bytes),
+        ]
+        server = grpc.aio.server(interceptors=self.metering.grpc_interceptors, options=options)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            oip_grpc.OipGrpcService(self.models), server
+        )
+        pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
+            pipeline.PipelineGrpcService(self.models), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                oip_grpc.SERVICE_NAME,
+                pipeline.SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        address = f"{self._host_addr}:{self.grpc_port}"
+        try:
+            self.grpc_port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot listen for gRPC on {address}: port in use?") from exc
+        await server.start()
+        self._grpc = server
+
+    async def _start_http(self) -> None:
+        assert self.metering is not None
+        app = build_http_app(self.models, extra_routers=self.metering.http_routers)
+        asgi = BodyLimit(self.metering.wrap_asgi(app), self._max_bytes)
+        sock = _listen_socket(self._host_addr, self.http_port, self._reuse_port)
+        self.http_port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            asgi,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=int(self._grace_s),
+            server_header=False,
+        )
+        self._http = uvicorn.Server(config)
+        # uvicorn installs its own signal handlers inside serve(); ours govern both servers.
+        self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight requests, flush; idempotent."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        log.info("shutting down", extra={"grace_s": self._grace_s})
+        await self._health.enter_graceful_shutdown()
+        waits = []
+        if self._http is not None:
+            self._http.should_exit = True
+            waits.append(self._http_task)
+        if self._grpc is not None:
+            waits.append(self._grpc.stop(self._grace_s))
+        await asyncio.gather(*[w for w in waits if w is not None], return_exceptions=True)
+        if self.metering is not None:
+            await asyncio.to_thread(self.metering.shutdown)
+        await asyncio.to_thread(self.models.close)
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def _run(config: Mapping[str, Any]) -> None:
+    server = PaddleMeterServer(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    await server.stop()
+
+
+def serve_forever(config: Mapping[str, Any]) -> None:
+    """Run one serving process until SIGTERM/SIGINT; returns after a clean shutdown."""
+    asyncio.run(_run(config))

@@ -1,0 +1,122 @@
+"""The ``paddle-meter`` command: serve, models, bill and report.
+
+``serve`` with ``--workers N`` > 1 starts N worker processes that share the ports through
+SO_REUSEPORT (each loads its own models, so all cores are used); the parent only forwards
+SIGTERM/SIGINT and exits 0 once every worker shut down cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from serving.config import ConfigError, load_config
+from serving.logs import setup_logging
+
+__all__ = ["main"]
+
+log = logging.getLogger("paddle_meter")
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    server: dict[str, Any] = {}
+    for option in ("host", "grpc_port", "http_port", "workers"):
+        value = getattr(args, option)
+        if value is not None:
+            server[option] = value
+    return {"server": server} if server else {}
+
+
+def _worker(config: dict[str, Any]) -> None:
+    setup_logging(config["logging"]["level"], config["logging"]["format"])
+    from serving.app import serve_forever  # heavy imports (paddle) only in workers
+
+    serve_forever(config)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config, _serve_overrides(args))
+    setup_logging(config["logging"]["level"], config["logging"]["format"])
+    workers = int(config["server"]["workers"])
+    if workers <= 1:
+        _worker(config)
+        return 0
+    if 0 in (config["server"]["grpc_port"], config["server"]["http_port"]):
+        raise ConfigError("--workers > 1 needs fixed ports: every worker must bind the same ones")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(config,), name=f"worker-{i}") for i in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+
+    def forward(signum: int, _frame: Any) -> None:
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for proc in procs:
+        proc.join()
+    failed = [p.name for p in procs if p.exitcode != 0]
+    if failed:
+        log.error("workers exited with errors", extra={"workers": ",".join(failed)})
+        return 1
+    return 0
+
+
+def _make_demo_ernie(args: argparse.Namespace) -> int:
+    from models.ernie.demo import make_demo_ernie
+
+    print(make_demo_ernie(args.dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paddle-meter", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the configured models over gRPC and HTTP")
+    serve.add_argument("--config", help="YAML file merged over the embedded default")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--grpc-port", dest="grpc_port", type=int)
+    serve.add_argument("--http-port", dest="http_port", type=int)
+    serve.add_argument("--workers", type=int, help="worker processes sharing the ports")
+    serve.set_defaults(func=_serve)
+
+    models = sub.add_parser("models", help="model utilities").add_subparsers(
+        dest="models_command", required=True
+    )
+    demo = models.add_parser(
+        "make-demo-ernie", help="export a small UNTRAINED ERNIE for trying the server"
+    )
+    demo.add_argument("dir")
+    demo.set_defaults(func=_make_demo_ernie)
+
+    try:
+        from billing.cli import add_subcommands
+    except ImportError:  # billing not installed in this build
+        pass
+    else:
+        add_subcommands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"paddle-meter: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

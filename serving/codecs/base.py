@@ -1,0 +1,61 @@
+"""The codec contract: protocol payload -> adapter batch, adapter results -> protocol payload."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Codec", "OutputTensor", "digest"]
+
+
+@dataclasses.dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    array: np.ndarray
+
+
+def digest(payloads: Sequence[bytes]) -> str:
+    """sha256 over the request's payloads, so a record can be matched to its document."""
+    h = hashlib.sha256()
+    for payload in payloads:
+        h.update(payload)
+    return h.hexdigest()
+
+
+class Codec(abc.ABC):
+    #: operation recorded for this kind of model, unless the adapter says otherwise
+    operation: str = ""
+
+    @abc.abstractmethod
+    def oip_inputs(self) -> list[dict[str, Any]]:
+        """OIP model metadata inputs: [{name, datatype, shape}] (-1 = variable)."""
+
+    @abc.abstractmethod
+    def oip_outputs(self) -> list[dict[str, Any]]:
+        """OIP model metadata outputs."""
+
+    @abc.abstractmethod
+    def from_oip(self, inputs: Mapping[str, np.ndarray]) -> tuple[list[Any], list[bytes]]:
+        """Adapter batch and the raw payloads (for content_sha256); raises ServingError."""
+
+    @abc.abstractmethod
+    def to_oip(self, results: Sequence[Any]) -> list[OutputTensor]:
+        """Output tensors for a batch of successful results."""
+
+    @abc.abstractmethod
+    def from_pipeline(self, fields: Mapping[str, str]) -> tuple[list[Any], list[bytes]]:
+        """Adapter batch from pipeline key/value pairs; raises ServingError."""
+
+    @abc.abstractmethod
+    def to_pipeline(self, results: Sequence[Any]) -> dict[str, str]:
+        """Pipeline response keys -> values for a batch of successful results."""
+
+    def content(self, results: Sequence[Any]) -> str | None:
+        """Text to keep in the ledger when content recording is on."""
+        return None

@@ -1,0 +1,142 @@
+"""The served models of one process: built from config, shared by every frontend.
+
+Adapters block (they run Paddle), so :meth:`ServedModel.run` moves inference onto a bounded
+thread pool, carrying the request's context (its usage object and span) into the thread,
+and enforces the per-request timeout. Adapter kinds come from an explicit registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import importlib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from models.base import ModelAdapter, ModelError
+from serving.codecs import Codec, codec_for_kind
+from serving.errors import ServingError
+
+__all__ = ["ModelHost", "ServedModel"]
+
+log = logging.getLogger(__name__)
+
+_ADAPTERS = {
+    "ocr": ("models.ocr", "OcrAdapter"),
+    "ernie": ("models.ernie", "ErnieAdapter"),
+}
+
+
+def _adapter_class(kind: str) -> type[ModelAdapter]:
+    try:
+        module_name, class_name = _ADAPTERS[kind]
+    except KeyError:
+        raise ValueError(
+            f"unknown model kind {kind!r}; known kinds: {', '.join(_ADAPTERS)}"
+        ) from None
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+class ServedModel:
+    """One configured model: its adapter, its codec, and how to run a batch safely."""
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        adapter: ModelAdapter,
+        codec: Codec,
+        executor: concurrent.futures.Executor,
+        timeout_s: float,
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.adapter = adapter
+        self.codec = codec
+        self._executor = executor
+        self._timeout_s = timeout_s
+
+    @property
+    def operation(self) -> str:
+        return self.adapter.operation or self.codec.operation
+
+    @property
+    def version(self) -> str:
+        return self.adapter.version
+
+    async def run(self, batch: Sequence[Any]) -> list[Any]:
+        """Infer a batch off the event loop; raise the first item's error as ServingError."""
+        infer_async = getattr(self.adapter, "infer_async", None)
+        if infer_async is not None:  # adapters with their own dynamic batching
+            work = asyncio.gather(*(infer_async(item) for item in batch), return_exceptions=True)
+        else:
+            loop = asyncio.get_running_loop()
+            ctx = contextvars.copy_context()
+            work = loop.run_in_executor(self._executor, ctx.run, self.adapter.infer, list(batch))
+        try:
+            results = await asyncio.wait_for(work, self._timeout_s)
+        except asyncio.TimeoutError:
+            raise ServingError(
+                "deadline_exceeded",
+                f"model {self.name!r} did not answer within {self._timeout_s:g} s "
+                "(server.request_timeout_s)",
+            ) from None
+        for index, result in enumerate(results):
+            if isinstance(result, ModelError):
+                prefix = f"item {index}: " if len(results) > 1 else ""
+                raise ServingError(result.kind, prefix + str(result))
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)
+
+
+class ModelHost:
+    """All models of this process, by name. ``load`` blocks; call it before serving."""
+
+    def __init__(self, models_config: Mapping[str, Any], server_config: Mapping[str, Any]) -> None:
+        self._config = dict(models_config or {})
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=int(server_config.get("inference_threads", 8)),
+            thread_name_prefix="inference",
+        )
+        self._timeout_s = float(server_config.get("request_timeout_s", 60))
+        self._models: dict[str, ServedModel] = {}
+
+    def load(self) -> None:
+        for name, spec in self._config.items():
+            kind = spec["kind"]
+            adapter = _adapter_class(kind)(name, spec.get("options") or {})
+            log.info("loading model", extra={"model": name, "kind": kind})
+            adapter.load()
+            self._models[name] = ServedModel(
+                name, kind, adapter, codec_for_kind(kind), self._executor, self._timeout_s
+            )
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def get(self, name: str) -> ServedModel:
+        try:
+            return self._models[name]
+        except KeyError:
+            served = ", ".join(self._models) or "none"
+            raise ServingError(
+                "not_found", f"unknown model {name!r}; this server serves: {served}"
+            ) from None
+
+    def default_name(self) -> str | None:
+        """The model an unnamed pipeline request goes to: the first configured one."""
+        return next(iter(self._models), None)
+
+    def all_ready(self) -> bool:
+        return bool(self._models) and all(m.adapter.is_ready() for m in self._models.values())
+
+    def close(self) -> None:
+        for model in self._models.values():
+            try:
+                model.adapter.close()
+            except Exception:  # closing must go on for the other models
+                log.exception("closing model failed", extra={"model": model.name})
+        self._executor.shutdown(wait=False, cancel_futures=True)
