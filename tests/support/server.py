@@ -1,0 +1,113 @@
+"""Run the real ``paddle-meter serve`` as a subprocess on free loopback ports, for tests.
+
+One server per test module (loading PP-OCR takes seconds): ``ServerProcess`` writes a
+config file into a temp dir, starts the console script, waits until both ports answer and
+the models are ready, and on ``stop()`` sends SIGTERM and checks the exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+__all__ = ["ServerProcess", "free_port"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(
+        self,
+        workdir: Path,
+        config: Mapping[str, Any] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        workers: int = 1,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        self.config = dict(config or {})
+        self.config.setdefault("server", {})
+        self.config["server"] = {
+            "data_dir": str(self.workdir / "data"),
+            **self.config["server"],
+            "grpc_port": self.grpc_port,
+            "http_port": self.http_port,
+            "workers": workers,
+        }
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / "server.log"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout_s: float = 180.0) -> ServerProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config_path = self.workdir / "config.yaml"
+        config_path.write_text(yaml.safe_dump(self.config), encoding="utf-8")
+        exe = Path(sys.executable).with_name("paddle-meter")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(exe), "serve", "--config", str(config_path)],
+            cwd=self.workdir,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
+            try:
+                if httpx.get(f"{self.http_url}/v2/health/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"server not ready in {timeout_s}s:\n{self.logs()[-4000:]}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
