@@ -1,0 +1,56 @@
+"""Durable bill ledger: one UsageSink interface, three writers, and ``open_ledger``.
+
+Write policy (what happens when the database fails):
+  * Each batch of records is committed in one transaction; ``submit`` returns only after
+    COMMIT (fsync'd), so a request's record is durable before its response leaves.
+  * If the database refuses the batch (down, locked past busy_timeout, disk full), the
+    records are appended to a local spool file (JSONL, fsync'd, 0600 in a 0700 dir) and
+    ``submit`` returns ``WriteOutcome(spooled=True)``: nothing served goes unbilled. The
+    writer thread replays the spool every ``retry_interval_s``; replays are idempotent by
+    request_id, so nothing is double-counted once the database is back. Spool files left
+    by a dead process are replayed by the next writer that opens the same spool dir.
+  * If even the spool write fails, ``submit`` raises LedgerWriteError: the request must
+    fail rather than be served unbilled. Counted in ``sink.stats.failed``.
+  * A retried request_id is stored once (ON CONFLICT DO NOTHING): ``inserted=False``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from exporters.ledger.base import LedgerWriteError, UsageSink, WriteOutcome
+from exporters.ledger.group_commit import LedgerStats
+from exporters.ledger.reader import LedgerReader, parse_ledger_url
+
+__all__ = [
+    "LedgerReader",
+    "LedgerStats",
+    "LedgerWriteError",
+    "UsageSink",
+    "WriteOutcome",
+    "open_ledger",
+    "parse_ledger_url",
+]
+
+
+def open_ledger(url_or_path: str, **opts: Any) -> UsageSink:
+    """Open a ledger writer (creating/migrating the database) from a path or URL.
+
+    A path or ``sqlite:///path`` -> SqliteLedger, ``postgresql://...`` -> PostgresLedger,
+    ``jsonl:///path`` -> JsonlLedger. ``opts`` are the writer's keyword options
+    (``spool_dir``, ``max_batch``, ``retry_interval_s``, ...); unknown keys raise ValueError.
+    Blocks while connecting and migrating.
+    """
+    kind, target = parse_ledger_url(url_or_path)
+    if kind == "postgresql":
+        from exporters.ledger.postgres import PostgresLedger as cls
+    elif kind == "jsonl":
+        from exporters.ledger.jsonl import JsonlLedger as cls
+    else:
+        from exporters.ledger.sqlite import SqliteLedger as cls
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self",)][1:]
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {kind} ledger option(s) {unknown}; allowed: {allowed}")
+    return cls(target, **opts)

@@ -21,12 +21,20 @@ class LedgerWriteError(Exception):
 
 
 class WriteOutcome:
-    """Result of a durable write: ``inserted`` False means the request_id was already billed."""
+    """Result of a durable write: ``inserted`` False means the request_id was already billed.
 
-    __slots__ = ("inserted",)
+    ``spooled`` True: the database was unavailable and the record is durable in the local
+    spool, to be replayed later (``inserted`` is then provisional: the replay is idempotent).
+    """
 
-    def __init__(self, inserted: bool) -> None:
+    __slots__ = ("inserted", "spooled")
+
+    def __init__(self, inserted: bool, spooled: bool = False) -> None:
         self.inserted = inserted
+        self.spooled = spooled
+
+    def __repr__(self) -> str:
+        return f"WriteOutcome(inserted={self.inserted}, spooled={self.spooled})"
 
 
 @runtime_checkable

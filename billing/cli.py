@@ -1,0 +1,129 @@
+"""Billing commands for the ``paddle-meter`` CLI: ``bill export``, ``bill reprice``, ``report``.
+
+The server's CLI calls :func:`add_subcommands` with its subparsers and may supply the
+configured ledger URL / pricing file with ``parser.set_defaults(ledger=..., pricing=...)``
+(our options use ``argparse.SUPPRESS`` so such defaults survive); ``--ledger`` given
+explicitly wins. Each subcommand sets ``func``: call ``args.func(args)`` -> exit code.
+``python -m billing.cli ...`` runs the same commands standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+__all__ = ["add_subcommands", "main"]
+
+DEFAULT_PRICING = os.environ.get("PADDLE_METER_PRICING", "config/pricing.yaml")
+
+
+def _common(p: argparse.ArgumentParser, *, period_required: bool = True) -> None:
+    p.add_argument("--ledger", default=argparse.SUPPRESS,
+                   help="ledger path or URL (sqlite:///..., postgresql://...); "
+                        "default: the configured ledger")
+    p.add_argument("--from", dest="start", required=period_required,
+                   help="UTC start, YYYY-MM-DD or ISO-8601 (inclusive)")
+    p.add_argument("--to", dest="end", required=period_required,
+                   help="UTC end (exclusive; a bare date includes that day)")
+
+
+def add_subcommands(subparsers: Any, *, default_ledger: str | None = None) -> None:
+    """Register ``bill export``, ``bill reprice`` and ``report`` on an argparse subparsers."""
+    bill = subparsers.add_parser("bill", help="bill exports and repricing")
+    bill_sub = bill.add_subparsers(dest="bill_command", required=True)
+
+    exp = bill_sub.add_parser("export", help="export ledger records of a period")
+    _common(exp)
+    exp.add_argument("--tenant")
+    exp.add_argument("--model")
+    exp.add_argument("--format", choices=("jsonl", "csv", "parquet", "xlsx"), default="jsonl")
+    exp.add_argument("-o", "--output", required=True, help="output file")
+    exp.add_argument("--no-progress", action="store_true")
+    exp.set_defaults(func=_cmd_export, _default_ledger=default_ledger)
+
+    rep = bill_sub.add_parser("reprice", help="re-rate a period with the current price table")
+    _common(rep)
+    rep.add_argument("--pricing", default=argparse.SUPPRESS,
+                     help=f"price table YAML (default {DEFAULT_PRICING})")
+    rep.add_argument("--reason", help="why (kept in the audit table)")
+    rep.add_argument("--by", dest="changed_by", help="who (default: the OS user)")
+    rep.add_argument("--dry-run", action="store_true")
+    rep.set_defaults(func=_cmd_reprice, _default_ledger=default_ledger)
+
+    report = subparsers.add_parser("report", help="usage and cost report")
+    _common(report)
+    report.add_argument("--period", choices=("day", "week", "month"), default="day")
+    report.add_argument("--by", default="tenant,model",
+                        help="comma list of tenant, model, operation ('' for totals)")
+    report.add_argument("--tenant")
+    report.add_argument("--model")
+    report.add_argument("--format", choices=("table", "csv", "xlsx", "json"), default="table")
+    report.add_argument("-o", "--output", help="output file (stdout if omitted)")
+    report.add_argument("--chart", help="also write a PNG trend chart here")
+    report.add_argument("--source", choices=("rollup", "raw"), default="rollup",
+                        help=argparse.SUPPRESS)
+    report.set_defaults(func=_cmd_report, _default_ledger=default_ledger)
+
+
+def _reader(args: argparse.Namespace) -> Any:
+    from exporters.ledger.reader import LedgerReader
+
+    url = getattr(args, "ledger", None) or getattr(args, "_default_ledger", None)
+    if not url:
+        raise ValueError("no ledger configured: pass --ledger PATH_OR_URL")
+    return LedgerReader(url)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from billing.export import export_records
+
+    n = export_records(_reader(args), start=args.start, end=args.end, fmt=args.format,
+                       path=args.output, tenant=args.tenant, model=args.model,
+                       progress=not args.no_progress)
+    print(f"exported {n} records to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _cmd_reprice(args: argparse.Namespace) -> int:
+    from billing.pricing import PriceBook, round_bill
+    from billing.reprice import reprice
+
+    book = PriceBook.load(getattr(args, "pricing", None) or DEFAULT_PRICING)
+    result = reprice(_reader(args), book, start=args.start, end=args.end,
+                     changed_by=args.changed_by, reason=args.reason, dry_run=args.dry_run)
+    verb = "would change" if args.dry_run else "changed"
+    print(f"examined {result.examined} records, {verb} {result.changed}; total "
+          f"{round_bill(result.old_total)} -> {round_bill(result.new_total)} {book.currency}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from billing.output import write_chart, write_report
+    from billing.report import build_report, parse_by
+
+    by = parse_by(args.by)
+    rows = build_report(_reader(args), start=args.start, end=args.end, period=args.period,
+                        by=by, tenant=args.tenant, model=args.model, source=args.source)
+    write_report(rows, by, args.format, args.output)
+    if args.chart:
+        write_chart(rows, args.chart)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point; errors print one line and exit 2."""
+    parser = argparse.ArgumentParser(prog="paddle-meter")
+    add_subcommands(parser.add_subparsers(dest="command", required=True),
+                    default_ledger=os.environ.get("PADDLE_METER_LEDGER"))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"paddle-meter: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
