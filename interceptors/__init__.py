@@ -1,0 +1,69 @@
+"""Transport metering: one core, a grpc.aio interceptor and a pure ASGI middleware.
+
+Wiring (serving/ builds these once per process)::
+
+    telemetry = setup_telemetry(TelemetryConfig.from_mapping(config["telemetry"]))
+    core = MeteringCore.from_config(config["metering"], telemetry, ledger=sink,
+                                    pricebook=prices)
+    server = grpc.aio.server(interceptors=[MeteringServerInterceptor(core)])
+    app = MeteringMiddleware(fastapi_app, core)      # outermost ASGI layer
+    # GET /metrics: telemetry.render_metrics() -> (body, content_type)
+    # shutdown: core.close(); telemetry.shutdown(); then the ledger's shutdown()
+
+Contract with the frontends (serving/):
+
+- The transport layer opens one metered call per request, creates a
+  ``models.usage.RequestUsage`` and binds it (``bind_usage``) around the whole handler,
+  together with the server span as the current OTel span. ``asyncio.to_thread`` copies
+  the context, so inference in a worker thread sees the same RequestUsage and its
+  ``stage()`` spans are children of the server span.
+- Frontends set on ``current_usage()``, as their first step (before validating, so a
+  failed model call is still recorded with zero billable tokens): ``model``,
+  ``model_version``, ``operation`` (``ocr`` / ``text_classification`` / ``embeddings``;
+  ``health`` / ``metadata`` for liveness, readiness and metadata calls); ``request_id``
+  when the protocol body carries one (pipeline ``logid`` when non-zero, OIP ``id`` when
+  non-empty). An ``x-request-id`` header/metadata wins over it; with neither, a UUID4 hex
+  is generated. Ids must match ``[A-Za-z0-9._:-]{1,128}`` or they are replaced.
+- ``app_status`` (e.g. ``"err_no=3002"``) when the transport succeeded but the
+  application failed (pipeline answers HTTP 200 / gRPC OK with err_no != 0): the call
+  counts as an error with zero billable tokens and that status.
+- ``content_sha256`` = sha256 hex of the request payload (image bytes / text), set by the
+  frontend; ``content`` may be set too, and the core drops it unless the operator turned
+  ``record_content`` on. Model adapters add input/output tokens, characters, images,
+  truncated through ``RequestUsage.add`` / ``report_usage``.
+- A call goes to the ledger only when ``usage.model`` is set and ``operation`` is not
+  ``health`` / ``reflection`` / ``metadata``: bills only carry model calls. Every
+  metered call gets a span and metrics. gRPC health/reflection services are labelled by
+  the interceptor itself.
+- The usage record is written (``await ledger.submit``) before the response leaves. If
+  the ledger cannot make it durable the request fails: gRPC UNAVAILABLE / HTTP 503 with
+  "usage could not be recorded; retry with the same x-request-id". Any other failure
+  inside metering is logged, counted in ``paddle_meter.meter_errors``, and ignored.
+- Back to the caller: gRPC trailing metadata / HTTP response headers ``x-request-id``,
+  ``x-usage-input-tokens``, ``x-usage-output-tokens`` (billed counts: 0 on errors).
+- Span status is ERROR for every non-OK gRPC code and every HTTP status >= 400 (a bad
+  request is a failed, unbilled call), and for a non-empty ``app_status``.
+- ``metering.enabled: false`` (``MeteringCore(None, enabled=False)``): transports pass straight
+  through; no span, no record, no stage hook, and ``current_usage()`` is None in the
+  handler, so frontends write ``if (u := current_usage()) is not None: u.model = ...``
+  (adapters use ``report_usage``, already a no-op then).
+"""
+
+from interceptors.asgi import MeteringMiddleware, default_skip
+from interceptors.core import (
+    LEDGER_FAILURE_MESSAGE,
+    MeteredCall,
+    MeteringCore,
+    default_tenant_resolver,
+)
+from interceptors.grpc_aio import MeteringServerInterceptor
+
+__all__ = [
+    "LEDGER_FAILURE_MESSAGE",
+    "MeteredCall",
+    "MeteringCore",
+    "MeteringMiddleware",
+    "MeteringServerInterceptor",
+    "default_skip",
+    "default_tenant_resolver",
+]

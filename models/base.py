@@ -51,7 +51,7 @@ class ModelAdapter(abc.ABC):
     def infer(self, batch: Sequence[Any]) -> list[Any]:
         """Run a batch; return one result or one :class:`ModelError` per item. Blocks."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: adapters without resources skip it
         """Release predictors; idempotent."""
 
     @abc.abstractmethod

@@ -14,7 +14,8 @@ import contextlib
 import contextvars
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 __all__ = [
     "RequestUsage",
@@ -99,7 +100,7 @@ def trace_link() -> Any:
     return None if usage is None else usage.trace_link
 
 
-StageFactory = Callable[[str, Mapping[str, Any], Sequence[Any]], ContextManager[Any]]
+StageFactory = Callable[[str, Mapping[str, Any], Sequence[Any]], AbstractContextManager[Any]]
 _stage_factory: StageFactory | None = None
 
 
@@ -111,7 +112,7 @@ def set_stage_factory(factory: StageFactory | None) -> None:
 
 def stage(
     name: str, attributes: Mapping[str, Any] | None = None, links: Sequence[Any] = ()
-) -> ContextManager[Any]:
+) -> AbstractContextManager[Any]:
     """Context manager around one model stage (``ocr.det``, ``ernie.infer`` ...).
 
     Never raises on its own; without a factory installed it costs one function call.
