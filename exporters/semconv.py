@@ -1,0 +1,97 @@
+"""Every span attribute, metric name and bucket layout paddle-meter emits, in one place.
+
+Names follow ../shared/DESIGN.md (``gen_ai.*``, ``paddle_meter.*``) plus the standard
+OpenTelemetry RPC / HTTP semantic-convention names the transports use. Code that emits
+telemetry imports from here and never spells a name inline, so a rename is one edit.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- GenAI semantic conventions -------------------------------------------------------
+GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+GEN_AI_TOKEN_TYPE: Final = "gen_ai.token.type"
+GEN_AI_TOKEN_TYPE_INPUT: Final = "input"
+GEN_AI_TOKEN_TYPE_OUTPUT: Final = "output"
+
+# --- paddle-meter span attributes ------------------------------------------------------
+PADDLE_METER_TENANT: Final = "paddle_meter.tenant"
+PADDLE_METER_REQUEST_ID: Final = "paddle_meter.request_id"
+PADDLE_METER_CHARACTERS: Final = "paddle_meter.characters"
+PADDLE_METER_IMAGES: Final = "paddle_meter.images"
+PADDLE_METER_TRUNCATED: Final = "paddle_meter.truncated"
+PADDLE_METER_BILLABLE_TOKENS: Final = "paddle_meter.billable_tokens"
+PADDLE_METER_REQUEST_SIZE: Final = "paddle_meter.request.size"
+PADDLE_METER_RESPONSE_SIZE: Final = "paddle_meter.response.size"
+PADDLE_METER_COST: Final = "paddle_meter.cost"
+PADDLE_METER_PRICE_ID: Final = "paddle_meter.price_id"
+PADDLE_METER_MODEL_VERSION: Final = "paddle_meter.model_version"
+PADDLE_METER_PROTOCOL: Final = "paddle_meter.protocol"
+PADDLE_METER_APP_STATUS: Final = "paddle_meter.app_status"
+# Metric attribute of paddle_meter.requests: "ok" or the error code (DESIGN.md `status`).
+PADDLE_METER_STATUS: Final = "status"
+
+# --- standard RPC / HTTP / server semantic conventions ---------------------------------
+RPC_SYSTEM: Final = "rpc.system"
+RPC_SYSTEM_GRPC: Final = "grpc"
+RPC_SERVICE: Final = "rpc.service"
+RPC_METHOD: Final = "rpc.method"
+RPC_GRPC_STATUS_CODE: Final = "rpc.grpc.status_code"
+HTTP_REQUEST_METHOD: Final = "http.request.method"
+HTTP_ROUTE: Final = "http.route"
+HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
+URL_PATH: Final = "url.path"
+URL_SCHEME: Final = "url.scheme"
+SERVER_ADDRESS: Final = "server.address"
+SERVER_PORT: Final = "server.port"
+ERROR_TYPE: Final = "error.type"
+
+# --- metric names (unit in the comment, as DESIGN.md) -----------------------------------
+METRIC_TOKENS: Final = "paddle_meter.tokens"  # {token}
+METRIC_REQUESTS: Final = "paddle_meter.requests"  # {request}
+METRIC_GEN_AI_SERVER_REQUEST_DURATION: Final = "gen_ai.server.request.duration"  # s
+METRIC_REQUEST_SIZE: Final = "paddle_meter.request.size"  # By
+METRIC_RESPONSE_SIZE: Final = "paddle_meter.response.size"  # By
+METRIC_RPC_SERVER_CALL_DURATION: Final = "rpc.server.call.duration"  # s
+METRIC_HTTP_SERVER_REQUEST_DURATION: Final = "http.server.request.duration"  # s
+METRIC_METER_ERRORS: Final = "paddle_meter.meter_errors"  # {error}
+
+# --- model stage span names ------------------------------------------------------------
+STAGE_OCR_DET: Final = "ocr.det"
+STAGE_OCR_CLS: Final = "ocr.cls"
+STAGE_OCR_REC: Final = "ocr.rec"
+STAGE_ERNIE_TOKENIZE: Final = "ernie.tokenize"
+STAGE_ERNIE_INFER: Final = "ernie.infer"
+
+# --- usage sent back to the caller (gRPC trailing metadata / HTTP response headers) -----
+HEADER_REQUEST_ID: Final = "x-request-id"
+HEADER_USAGE_INPUT_TOKENS: Final = "x-usage-input-tokens"
+HEADER_USAGE_OUTPUT_TOKENS: Final = "x-usage-output-tokens"
+HEADER_TENANT: Final = "x-tenant"
+
+# --- histogram bucket boundaries ---------------------------------------------------------
+# The GenAI semantic conventions' advice for gen_ai.server.request.duration.
+GEN_AI_DURATION_BUCKETS: Final[tuple[float, ...]] = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)
+# OTel's recommended boundaries for http.server.request.duration, also used for
+# rpc.server.call.duration so both transports' latency panels line up.
+TRANSPORT_DURATION_BUCKETS: Final[tuple[float, ...]] = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)
+# Message sizes: powers of 4 from 64 B to 64 MiB (64 * 4**k, k = 0..10). Covers a tiny
+# OIP health message up to a large scanned page at a constant relative resolution with
+# eleven buckets; gRPC's default max message is 4 MiB, so the tail has headroom.
+SIZE_BUCKETS: Final[tuple[float, ...]] = tuple(float(64 * 4**k) for k in range(11))
+
+# --- tenant as a metric attribute is capped: bills come from the ledger, not from labels --
+DEFAULT_TENANT_CAP: Final = 100
+TENANT_OVERFLOW: Final = "_other"
+DEFAULT_TENANT: Final = "default"
+
+# Operations that are never billed: such calls get spans and metrics, no ledger record.
+NON_BILLABLE_OPERATIONS: Final = frozenset({"health", "reflection", "metadata"})

@@ -1,0 +1,191 @@
+"""The metering core: one metered call per request, shared by every transport.
+
+The gRPC interceptor (interceptors/grpc_aio.py) and the ASGI middleware
+(interceptors/asgi.py) translate transport details into :meth:`MeteringCore.start_call`
+and :meth:`MeteredCall.finish`; everything else lives here and in interceptors/call.py:
+W3C context extraction, the SERVER span, the per-request
+:class:`models.usage.RequestUsage`, stage child spans, the metrics, the
+:class:`exporters.usage_record.UsageRecord` and its durable ledger write.
+
+Failure policy (billing truth is the ledger):
+- the ledger write happens inside ``finish``, before the response leaves. If the record
+  cannot be built or the sink raises (LedgerWriteError or anything else), ``finish``
+  raises LedgerWriteError and the transport fails the request (gRPC UNAVAILABLE / HTTP
+  503, "usage could not be recorded; retry with the same x-request-id"): a
+  served-but-unbilled response must not happen;
+- any other failure inside metering (span attributes, metrics, pricing) is logged with
+  its type only, counted in ``paddle_meter.meter_errors``, and never fails the request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from exporters import semconv as sc
+from exporters.ledger.base import UsageSink
+from exporters.otel import Telemetry
+from interceptors._instruments import Instruments, TenantCap
+from interceptors.call import LEDGER_FAILURE_MESSAGE, REQUEST_ID_PATTERN, MeteredCall
+from models import usage as usage_mod
+from models.usage import RequestUsage
+
+__all__ = ["LEDGER_FAILURE_MESSAGE", "MeteredCall", "MeteringCore", "default_tenant_resolver"]
+
+log = logging.getLogger(__name__)
+
+_TRACECONTEXT = TraceContextTextMapPropagator()
+_BAGGAGE = W3CBaggagePropagator()
+_TENANT = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+_CORE_OPTIONS = ("enabled", "record_content", "max_tenants_in_metrics")
+
+
+def default_tenant_resolver(carrier: Mapping[str, str]) -> str:
+    """Tenant from the ``x-tenant`` header/metadata, ``default`` when absent or malformed.
+
+    The one place tenants are decided; the authentication work replaces this function
+    (pass ``tenant_resolver=`` to :class:`MeteringCore`).
+    """
+    tenant = carrier.get(sc.HEADER_TENANT, "").strip()
+    return tenant if _TENANT.match(tenant) else sc.DEFAULT_TENANT
+
+
+class MeteringCore:
+    """Opens and finishes metered calls; one per server process, shared by all transports.
+
+    ``enabled=False`` (config ``metering.enabled: false``) makes transports pass calls straight
+    through: no span, no record, no stage hook. The stage hook is process-global
+    (models.usage), so the most recently built enabled core owns it until :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        telemetry: Telemetry | None,
+        *,
+        ledger: UsageSink | None = None,
+        pricebook: Any | None = None,
+        tenant_resolver: Callable[[Mapping[str, str]], str] = default_tenant_resolver,
+        enabled: bool = True,
+        record_content: bool = False,
+        tenant_cap: int = sc.DEFAULT_TENANT_CAP,
+    ) -> None:
+        if enabled and telemetry is None:
+            raise ValueError("an enabled MeteringCore needs a Telemetry (see setup_telemetry)")
+        self.enabled = enabled
+        self.telemetry = telemetry
+        self.ledger = ledger
+        self.pricebook = pricebook
+        self.record_content = record_content
+        self._resolve_tenant = tenant_resolver
+        self._tenants = TenantCap(tenant_cap)
+        if enabled:
+            assert telemetry is not None
+            self.tracer = telemetry.tracer
+            self.instruments = Instruments(telemetry.meter)
+            usage_mod.set_stage_factory(self._stage)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any] | None,
+        telemetry: Telemetry | None,
+        *,
+        ledger: UsageSink | None = None,
+        pricebook: Any | None = None,
+    ) -> MeteringCore:
+        """Build from the config file's ``metering`` block: ``enabled`` (bool; false is
+        "metering off", for benchmarks), ``record_content`` (bool),
+        ``max_tenants_in_metrics`` (int). Raises ValueError on unknown keys or values."""
+        values = dict(config or {})
+        unknown = sorted(set(values) - set(_CORE_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown metering option(s) {unknown}; known: {list(_CORE_OPTIONS)}")
+        enabled = values.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise ValueError(f"metering.enabled must be true or false, not {enabled!r}")
+        return cls(
+            telemetry,
+            ledger=ledger,
+            pricebook=pricebook,
+            enabled=enabled,
+            record_content=bool(values.get("record_content", False)),
+            tenant_cap=int(values.get("max_tenants_in_metrics", sc.DEFAULT_TENANT_CAP)),
+        )
+
+    def close(self) -> None:
+        """Remove the stage hook if this core installed it; idempotent."""
+        # models.usage has no getter for the hook; reading its module state is the one
+        # way to avoid removing a hook a newer core installed.
+        if self.enabled and usage_mod._stage_factory == self._stage:
+            usage_mod.set_stage_factory(None)
+
+    def start_call(
+        self,
+        *,
+        protocol: str,
+        endpoint: str,
+        span_name: str,
+        carrier: Mapping[str, str],
+        attributes: Mapping[str, Any],
+        operation: str | None = None,
+    ) -> MeteredCall:
+        """Open the SERVER span (parent = the caller's W3C context) and the usage object.
+
+        ``carrier`` is the request's headers/metadata with lower-case keys. Never raises
+        for bad input: a malformed traceparent starts a new trace, a bad id is replaced.
+        """
+        parent = _TRACECONTEXT.extract(carrier)
+        if "baggage" in carrier:
+            parent = _BAGGAGE.extract(carrier, parent)
+        span = self.tracer.start_span(
+            span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes
+        )
+        usage = RequestUsage(operation=operation)
+        usage.trace_link = span.get_span_context()
+        header_id = carrier.get(sc.HEADER_REQUEST_ID)
+        if header_id is not None and not REQUEST_ID_PATTERN.match(header_id):
+            header_id = None
+        return MeteredCall(
+            self, protocol, endpoint, span, usage, header_id, self._resolve_tenant(carrier),
+            dict(attributes),  # a copy: transports may keep adding to theirs
+        )
+
+    def _stage(
+        self, name: str, attributes: Mapping[str, Any], links: Sequence[Any]
+    ) -> contextlib.AbstractContextManager[Any]:
+        """models.usage stage hook: a child span of the current request span."""
+        try:
+            span_links = [Link(h) for h in links if isinstance(h, SpanContext)]
+            ctx = None
+            if not trace.get_current_span().get_span_context().is_valid:
+                # Code running outside the request's context (a batching thread): fall
+                # back to the bound usage's handle so the stage still joins the trace.
+                usage = usage_mod.current_usage()
+                if usage is not None and isinstance(usage.trace_link, SpanContext):
+                    ctx = trace.set_span_in_context(NonRecordingSpan(usage.trace_link))
+            return self.tracer.start_as_current_span(
+                name, context=ctx, attributes=dict(attributes) or None, links=span_links or None
+            )
+        except Exception as exc:
+            self.count_error("stage", exc)
+            return contextlib.nullcontext()
+
+    def count_error(self, where: str, exc: BaseException, request_id: str | None = None) -> None:
+        """Log (type only: carriers and messages may hold secrets) and count a failure."""
+        log.warning(
+            "metering error in %s: %s",
+            where,
+            type(exc).__name__,
+            extra={"where": where, "error_type": type(exc).__name__, "request_id": request_id},
+        )
+        with contextlib.suppress(Exception):
+            attrs = {"where": where, sc.ERROR_TYPE: type(exc).__name__}
+            self.instruments.meter_errors.add(1, attrs)
