@@ -16,7 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from serving.config import ConfigError, load_config
+from billing.cli import add_subcommands
+from serving.config import ConfigError, ledger_url, load_config, pricing_path
 from serving.logs import setup_logging
 
 __all__ = ["main"]
@@ -100,21 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("dir")
     demo.set_defaults(func=_make_demo_ernie)
 
-    try:
-        from billing.cli import add_subcommands
-    except ImportError:  # billing not installed in this build
-        pass
-    else:
-        add_subcommands(sub)
+    # Bills and reports read the ledger the server writes: the one of the effective config
+    # ($PADDLE_METER_CONFIG merged over the default), unless --ledger names another.
+    config = load_config(os.environ.get("PADDLE_METER_CONFIG"))
+    add_subcommands(sub, default_ledger=ledger_url(config))
+    parser.set_defaults(pricing=str(pricing_path(config)))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"paddle-meter: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:  # bad period, missing ledger file ...
+        print(f"paddle-meter: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -15,7 +15,14 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "DEFAULT_CONFIG_PATH", "PROJECT_ROOT", "load_config"]
+__all__ = [
+    "ConfigError",
+    "DEFAULT_CONFIG_PATH",
+    "PROJECT_ROOT",
+    "ledger_url",
+    "load_config",
+    "pricing_path",
+]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "default.yaml"
@@ -77,3 +84,17 @@ def load_config(
         _merge(config, overrides, ())
     _validate_models(config["models"] or {})
     return config
+
+
+def ledger_url(config: Mapping[str, Any]) -> str:
+    """The configured ledger: ``ledger.url``, else the SQLite file in the data dir."""
+    url = config["ledger"]["url"]
+    if url:
+        return str(url)
+    return str(Path(config["server"]["data_dir"]) / "ledger.sqlite3")
+
+
+def pricing_path(config: Mapping[str, Any]) -> Path:
+    """The configured price table, else config/pricing.yaml of this project."""
+    path = config["pricing"]["file"]
+    return Path(path) if path else PROJECT_ROOT / "config" / "pricing.yaml"
