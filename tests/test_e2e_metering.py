@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import json
 import sqlite3
 import uuid
 
@@ -107,7 +108,7 @@ def _call_pipeline_grpc(
 def _call_pipeline_http(
     server, image: bytes, headers: dict[str, str]
 ) -> tuple[list[str], int, int]:
-    body = ('{"key": ["image"], "value": ["%s"]}' % base64.b64encode(image).decode()).encode()
+    body = json.dumps({"key": ["image"], "value": [base64.b64encode(image).decode()]}).encode()
     reply = httpx.post(
         f"{server.http_url}/ocr/prediction", content=body, headers=headers, timeout=60
     )
