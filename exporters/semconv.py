@@ -94,4 +94,5 @@ TENANT_OVERFLOW: Final = "_other"
 DEFAULT_TENANT: Final = "default"
 
 # Operations that are never billed: such calls get spans and metrics, no ledger record.
-NON_BILLABLE_OPERATIONS: Final = frozenset({"health", "reflection", "metadata"})
+# "tokenize": the counting service estimates cost before a call; it must not cost anything.
+NON_BILLABLE_OPERATIONS: Final = frozenset({"health", "reflection", "metadata", "tokenize"})

@@ -7,14 +7,17 @@ request that fails to decode is recorded against the model it asked for.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from models.base import ModelError
 from models.usage import current_usage
 from serving.codecs.base import Codec, digest
+from serving.errors import ServingError
 from serving.model_host import ModelHost, ServedModel
 
-__all__ = ["run_model"]
+__all__ = ["run_model", "tokenize"]
 
 Decoder = Callable[[Codec], tuple[list[Any], Sequence[bytes]]]
 
@@ -37,5 +40,38 @@ async def run_model(
         usage.content_sha256 = digest(payloads)
     results = await served.run(items)
     if usage is not None:
-        usage.content = served.codec.content(results)
+        usage.content = served.codec.content(items, results)
     return served, results
+
+
+async def tokenize(host: ModelHost, name: str, text: Any, text_pair: Any = None) -> dict[str, Any]:
+    """Count a text's tokens exactly as the model would bill them, without running it.
+
+    Metered as operation ``tokenize``, which is never billed: it is how callers estimate a
+    cost before they pay it. Raises ServingError (unknown model, no tokenizer, bad text).
+    """
+    usage = current_usage()
+    if usage is not None:
+        usage.model, usage.operation = name, "tokenize"
+    served = host.get(name)
+    encode = getattr(served.adapter, "encode", None)
+    if encode is None:
+        raise ServingError(
+            "invalid_argument", f"model {name!r} is a {served.kind} model without a tokenizer"
+        )
+    from models.ernie.adapter import ErnieInput
+
+    if not isinstance(text, str) or (text_pair is not None and not isinstance(text_pair, str)):
+        raise ServingError("invalid_argument", "'text' (and 'text_pair' if given) must be strings")
+    try:
+        encoding = await asyncio.to_thread(encode, ErnieInput(text, text_pair))
+    except ModelError as exc:
+        raise ServingError(exc.kind, str(exc)) from None
+    return {
+        "model": name,
+        "input_ids": list(encoding.input_ids),
+        "token_type_ids": list(encoding.token_type_ids),
+        "count": len(encoding.input_ids),
+        "truncated": bool(encoding.truncated),
+        "max_seq_len": getattr(served.adapter, "max_seq_len", None),
+    }

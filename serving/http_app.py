@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from serving.dispatch import run_model
+from serving.dispatch import run_model, tokenize
 from serving.errors import ServingError, as_serving_error, http_status, pipeline_err_no
 from serving.model_host import ModelHost
 from serving.oip_grpc import _VERSION
@@ -191,6 +191,31 @@ def _oip_router(host: ModelHost) -> APIRouter:
     return router
 
 
+def _tokenize_router(host: ModelHost) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/tokenize")
+    async def count_tokens(request: Request) -> Response:
+        """{"model": "ernie", "text": "...", "text_pair": null} -> ids and the billed count."""
+        try:
+            try:
+                document = json.loads(await request.body() or b"null")
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise ServingError(
+                    "invalid_argument", f"request body is not valid JSON: {exc}"
+                ) from None
+            if not isinstance(document, dict) or "text" not in document:
+                raise ServingError("invalid_argument", 'send {"model": "<name>", "text": "..."}')
+            name = document.get("model") or host.default_name() or ""
+            return JSONResponse(
+                await tokenize(host, name, document["text"], document.get("text_pair"))
+            )
+        except Exception as exc:
+            return _error(exc)
+
+    return router
+
+
 def _pipeline_router(host: ModelHost) -> APIRouter:
     router = APIRouter()
 
@@ -211,7 +236,7 @@ def _pipeline_router(host: ModelHost) -> APIRouter:
             err_no = pipeline_err_no(error.kind)
             status = 200 if isinstance(exc, ServingError) else 400
             return JSONResponse({"err_no": err_no, "err_msg": error.message}, status_code=status)
-        reply = await handle_pipeline(host, name, fields, logid)
+        reply = await handle_pipeline(host, name, fields, logid, method)
         return JSONResponse(
             {
                 "err_no": reply.err_no,
@@ -292,6 +317,7 @@ def build_http_app(host: ModelHost, *, extra_routers: list[APIRouter] = ()) -> F
     catch-all ``/{name}/{method}`` so it cannot shadow them."""
     app = FastAPI(title="paddle-meter", version=_VERSION, docs_url="/docs", redoc_url=None)
     app.include_router(_oip_router(host))
+    app.include_router(_tokenize_router(host))
     for router in extra_routers:
         app.include_router(router)
     app.include_router(_pipeline_router(host))

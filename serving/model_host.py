@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 _ADAPTERS = {
     "ocr": ("models.ocr", "OcrAdapter"),
-    "ernie": ("models.ernie", "ErnieAdapter"),
+    "ernie": ("models.ernie.adapter", "ErnieAdapter"),
 }
 
 
@@ -111,7 +111,7 @@ class ModelHost:
             log.info("loading model", extra={"model": name, "kind": kind})
             adapter.load()
             self._models[name] = ServedModel(
-                name, kind, adapter, codec_for_kind(kind), self._executor, self._timeout_s
+                name, kind, adapter, codec_for_kind(kind, adapter), self._executor, self._timeout_s
             )
 
     def names(self) -> list[str]:

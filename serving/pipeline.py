@@ -9,11 +9,12 @@ and ``err_no`` / ``err_msg`` set, so its clients' error checks work unchanged.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Mapping, Sequence
 
 from models.usage import current_usage
-from serving.dispatch import run_model
+from serving.dispatch import run_model, tokenize
 from serving.errors import ServingError, as_serving_error, pipeline_err_no
 from serving.model_host import ModelHost
 from serving.proto import pipeline_service_pb2 as pb
@@ -61,9 +62,12 @@ def pipeline_fields(
 
 
 async def handle_pipeline(
-    host: ModelHost, name: str, fields: Mapping[str, str], logid: int
+    host: ModelHost, name: str, fields: Mapping[str, str], logid: int, method: str = ""
 ) -> PipelineReply:
-    """Run one pipeline request; never raises for a bad request, it answers err_no instead."""
+    """Run one pipeline request; never raises for a bad request, it answers err_no instead.
+
+    ``method`` ``tokenize`` counts tokens without inference (ERNIE models); any other
+    method segment runs the model, as Paddle Serving's gateway accepts any."""
     model_name = name or host.default_name() or ""
     try:
         if name and name not in host.names():
@@ -73,6 +77,11 @@ async def handle_pipeline(
                 f"Failed to inference: Service name error. Unknown service {name!r}; "
                 f"this server serves: {served}",
             )
+        if method == "tokenize":
+            counted = await tokenize(host, model_name, fields.get("text"), fields.get("text_pair"))
+            keys = ["input_ids", "token_type_ids", "count", "truncated"]
+            values = [json.dumps(counted[k]) for k in keys]
+            return PipelineReply(0, "", keys, values)
         served_model, results = await run_model(
             host,
             model_name,
@@ -107,7 +116,9 @@ class PipelineGrpcService(pb_grpc.PipelineServiceServicer):
             if usage is not None:
                 usage.app_status = f"err_no={err_no}"
             return pb.Response(err_no=err_no, err_msg=exc.message)
-        reply = await handle_pipeline(self._host, request.name, fields, request.logid)
+        reply = await handle_pipeline(
+            self._host, request.name, fields, request.logid, request.method
+        )
         return pb.Response(
             err_no=reply.err_no, err_msg=reply.err_msg, key=reply.keys, value=reply.values
         )

@@ -7,6 +7,7 @@ Picked from an explicit registry by the model's ``kind`` (no dynamic name lookup
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from serving.codecs.base import Codec, OutputTensor
 
@@ -18,12 +19,12 @@ _CODECS = {
 }
 
 
-def codec_for_kind(kind: str) -> Codec:
-    """Return a codec for a model kind; ValueError names the kinds there are."""
+def codec_for_kind(kind: str, adapter: Any = None) -> Codec:
+    """Return a codec for a model kind (bound to its adapter); ValueError names the kinds."""
     try:
         module_name, class_name = _CODECS[kind]
     except KeyError:
         raise ValueError(
             f"unknown model kind {kind!r}; known kinds: {', '.join(_CODECS)}"
         ) from None
-    return getattr(importlib.import_module(module_name), class_name)()
+    return getattr(importlib.import_module(module_name), class_name)(adapter)

@@ -32,6 +32,10 @@ class Codec(abc.ABC):
     #: operation recorded for this kind of model, unless the adapter says otherwise
     operation: str = ""
 
+    def __init__(self, adapter: Any = None) -> None:
+        # Some payload shapes depend on the model (an ERNIE classifier or embedder).
+        self.adapter = adapter
+
     @abc.abstractmethod
     def oip_inputs(self) -> list[dict[str, Any]]:
         """OIP model metadata inputs: [{name, datatype, shape}] (-1 = variable)."""
@@ -56,6 +60,6 @@ class Codec(abc.ABC):
     def to_pipeline(self, results: Sequence[Any]) -> dict[str, str]:
         """Pipeline response keys -> values for a batch of successful results."""
 
-    def content(self, results: Sequence[Any]) -> str | None:
+    def content(self, items: Sequence[Any], results: Sequence[Any]) -> str | None:
         """Text to keep in the ledger when content recording is on."""
         return None

@@ -101,5 +101,5 @@ class OcrCodec(Codec):
         ]
         return {"res": repr(items)}
 
-    def content(self, results: Sequence[Any]) -> str | None:
+    def content(self, items: Sequence[Any], results: Sequence[Any]) -> str | None:
         return "\n".join(line["text"] for r in results for line in _lines(r))
