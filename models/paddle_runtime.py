@@ -120,8 +120,10 @@ def create_predictor(model_dir: str | os.PathLike[str], options: RuntimeOptions)
         # The new IR (PIR) and its executor crash on legacy programs in paddle 3.x.
         config.enable_new_ir(False)
         config.enable_new_executor(False)
+        # Only the legacy pass pipeline has this pass: on PIR programs (inference.json)
+        # create_predictor fails with "Not find ... memory_optimize_pass".
+        config.enable_memory_optim()
     config.switch_ir_optim(True)
-    config.enable_memory_optim()
     config.switch_use_feed_fetch_ops(False)
     config.disable_glog_info()
     return inference.create_predictor(config)

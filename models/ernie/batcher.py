@@ -1,0 +1,156 @@
+"""Asyncio dynamic batcher: concurrent requests -> one model batch -> one answer each.
+
+The ERNIE adapter puts one of these in front of its predictor pool. ``submit`` is
+awaited by each request on the event loop; a collector task gathers items until
+``max_batch_size`` are waiting or ``max_wait_ms`` passed since the first one, then runs
+``run_batch`` on a worker thread (never on the loop). ``run_batch`` returns one result
+per item in order; an item's result that is an ``Exception`` is raised to that item's
+caller only, and an exception from ``run_batch`` itself goes to every item of the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Generic, TypeVar
+
+__all__ = ["BatcherClosed", "DynamicBatcher"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatcherClosed(RuntimeError):
+    """``submit`` after ``aclose``."""
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Groups concurrent ``submit`` calls into batches for a blocking ``run_batch``.
+
+    ``max_concurrency`` batches may run at once (match it to the predictor pool size);
+    ``executor`` is the thread pool they run on (the loop's default when None). The
+    batcher binds to the event loop of its first ``submit``.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], list[R]],
+        max_batch_size: int = 16,
+        max_wait_ms: float = 5.0,
+        *,
+        max_concurrency: int = 1,
+        executor: Executor | None = None,
+    ) -> None:
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        if not isinstance(max_wait_ms, int | float) or max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
+        if not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self._executor = executor
+        self._max_concurrency = max_concurrency
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]] | None] | None = None
+        self._collector: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop this batcher is bound to (None until the first submit)."""
+        return self._loop
+
+    async def submit(self, item: T) -> R:
+        """Queue ``item`` and wait for its own result; raises its own error."""
+        if self._closed:
+            raise BatcherClosed("batcher is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            raise RuntimeError("this batcher belongs to another event loop")
+        if self._queue is None:
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._slots = asyncio.Semaphore(self._max_concurrency)
+            self._collector = asyncio.get_running_loop().create_task(self._collect())
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        return await future
+
+    async def _collect(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.max_batch_size:
+                remaining = deadline - loop.time()
+                try:
+                    if not self._queue.empty() or remaining <= 0:
+                        entry = self._queue.get_nowait()
+                    else:
+                        entry = await asyncio.wait_for(self._queue.get(), remaining)
+                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                    break
+                if entry is None:  # aclose: run what we hold, then stop
+                    stopping = True
+                    break
+                batch.append(entry)
+            await self._dispatch(batch)
+
+    async def _dispatch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        assert self._slots is not None
+        # Requests cancelled while waiting need no model time.
+        batch = [(item, fut) for item, fut in batch if not fut.done()]
+        if not batch:
+            return
+        await self._slots.acquire()
+        task = asyncio.get_running_loop().create_task(self._execute(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _execute(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        assert self._slots is not None
+        try:
+            items = [item for item, _ in batch]
+            loop = asyncio.get_running_loop()
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch, items)
+                if len(results) != len(items):
+                    raise RuntimeError(
+                        f"run_batch returned {len(results)} results for {len(items)} items"
+                    )
+            except Exception as exc:  # the whole batch failed: every caller hears it
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        finally:
+            self._slots.release()
+
+    async def aclose(self) -> None:
+        """Stop taking items, finish queued and running batches; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._queue is None or self._collector is None:
+            return
+        self._queue.put_nowait(None)  # after everything already queued
+        await self._collector
+        if self._running:
+            await asyncio.gather(*list(self._running), return_exceptions=True)
