@@ -16,4 +16,4 @@ lint:
 
 bench:
 	scripts/bootstrap.sh test
-	.venv/bin/python -m bench
+	.venv/bin/python bench
