@@ -1,10 +1,17 @@
 """Group commit: one writer thread turns concurrent submits into one durable transaction.
 
 Every writer (SQLite, PostgreSQL, JSONL) owns a :class:`GroupCommitWriter`. Submitters
-enqueue records and wait on a future; the thread takes everything queued (up to
-``max_batch`` records), deduplicates request_ids within the batch, calls the writer's
-``commit`` function once (one transaction, one fsync), then resolves every future. So the
+enqueue *prepared* entries (row tuples for the SQL writers, already validated on the
+submitting side) and wait on a future; the thread takes everything queued (up to
+``max_batch`` entries), deduplicates request_ids within the batch, calls the writer's
+``commit`` function once (one transaction, one fsync), then settles every future. So the
 cost of an fsync is shared by all requests that finished while the previous one ran.
+
+Per-record overhead is what limits throughput once fsyncs are shared, so the hot path is
+kept lean: an ``asyncio`` submitter waits on a plain loop future, and the thread settles
+all of one loop's futures with a single ``call_soon_threadsafe`` per batch (not one
+cross-thread wake-up per record); blocking callers (``write_batch``, ``flush``) wait on a
+``concurrent.futures.Future``.
 
 When ``commit`` raises and a :class:`Spool` is configured, the batch is appended to the
 spool (fsync'd) and reported durable with ``spooled=True``; the thread replays the spool
@@ -14,7 +21,9 @@ write fails do the submitters get :class:`LedgerWriteError`. All counters are in
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -22,17 +31,29 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from exporters.ledger.base import LedgerWriteError, WriteOutcome
 from exporters.ledger.spool import Spool
-from exporters.usage_record import UsageRecord
 
 __all__ = ["CommitFn", "GroupCommitWriter", "LedgerStats"]
 
 _log = logging.getLogger(__name__)
 
-CommitFn = Callable[[Sequence[UsageRecord]], list[bool]]
-"""Write unique-request_id records in one durable transaction; True where newly inserted."""
+CommitFn = Callable[[Sequence[Any]], list[bool]]
+"""Write entries with unique request_ids in one durable transaction; True where new."""
+
+# Bumped in a forked child: the writer thread does not survive fork, so a writer opened
+# before the fork must refuse work there (cheaper than an os.getpid() call per submit).
+_fork_generation = 0
+
+
+def _after_fork() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 @dataclasses.dataclass
@@ -52,17 +73,18 @@ class LedgerStats:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass
-class _Item:
-    records: Sequence[UsageRecord]
-    future: concurrent.futures.Future[list[WriteOutcome]]
-
-
+# A queued item is a tuple (entries, future, loop): ``loop`` is the submitter's event loop
+# when ``future`` is an asyncio future, None for a concurrent.futures.Future.
+_Item = tuple[Sequence[Any], Any, "asyncio.AbstractEventLoop | None"]
 _STOP = object()
 
 
 class GroupCommitWriter:
-    """Owns the queue and the writer thread; ``commit`` and ``close`` run on that thread."""
+    """Owns the queue and the writer thread; ``commit`` and ``close`` run on that thread.
+
+    ``key(entry)`` gives an entry's request_id; ``to_spool(entries)`` turns entries into
+    what :meth:`Spool.append` takes (the SQL writers spool their row tuples as-is).
+    """
 
     def __init__(
         self,
@@ -71,6 +93,7 @@ class GroupCommitWriter:
         close: Callable[[], None],
         spool: Spool | None,
         name: str,
+        key: Callable[[Any], str],
         max_batch: int = 10_000,
         retry_interval_s: float = 1.0,
     ) -> None:
@@ -79,6 +102,7 @@ class GroupCommitWriter:
         self._commit = commit
         self._close = close
         self._spool = spool
+        self._key = key
         self._max_batch = max_batch
         self._retry_interval_s = retry_interval_s
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -87,22 +111,33 @@ class GroupCommitWriter:
         self._last_failure = 0.0
         self.stats = LedgerStats()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._pid = os.getpid()
+        self._generation = _fork_generation
         self._thread.start()
 
-    def enqueue(self, records: Sequence[UsageRecord]) -> concurrent.futures.Future:
-        """Queue records; the future resolves to one WriteOutcome each, or LedgerWriteError."""
+    def submit_nowait(self, entry: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """Queue one entry from ``loop``'s thread; the loop future gets its WriteOutcome."""
+        future = loop.create_future()
+        with self._lock:  # so nothing is queued behind _STOP
+            if self._closed or self._generation != _fork_generation:
+                future.set_exception(self._refusal())
+                return future
+            self._queue.put(((entry,), future, loop))
+        return future
+
+    def enqueue(self, entries: Sequence[Any]) -> concurrent.futures.Future:
+        """Queue entries; the future resolves to one WriteOutcome each, or LedgerWriteError."""
         future: concurrent.futures.Future[list[WriteOutcome]] = concurrent.futures.Future()
         with self._lock:
-            if self._closed:
-                future.set_exception(LedgerWriteError("ledger is shut down"))
+            if self._closed or self._generation != _fork_generation:
+                future.set_exception(self._refusal())
                 return future
-            if os.getpid() != self._pid:
-                # Threads do not survive fork: a forked worker must open its own ledger.
-                future.set_exception(LedgerWriteError("ledger opened before fork; reopen it"))
-                return future
-            self._queue.put(_Item(records, future))
+            self._queue.put((entries, future, None))
         return future
+
+    def _refusal(self) -> LedgerWriteError:
+        if self._generation != _fork_generation:
+            return LedgerWriteError("ledger opened before fork; reopen it")
+        return LedgerWriteError("ledger is shut down")
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Block until everything queued before this call is durable; False on timeout."""
@@ -128,10 +163,11 @@ class GroupCommitWriter:
     def _run(self) -> None:
         self._replay_orphans()
         stop = False
+        get, get_nowait = self._queue.get, self._queue.get_nowait
         while not stop:
             waiting = self._spool is not None and self._spool.pending
             try:
-                first = self._queue.get(timeout=self._retry_interval_s if waiting else None)
+                first = get(timeout=self._retry_interval_s if waiting else None)
             except queue.Empty:
                 self._replay()
                 continue
@@ -142,16 +178,19 @@ class GroupCommitWriter:
                 if nxt is _STOP:
                     stop = True
                     break
-                assert isinstance(nxt, _Item)
-                items.append(nxt)
-                count += len(nxt.records)
+                items.append(nxt)  # type: ignore[arg-type]
+                count += len(nxt[0])  # type: ignore[index]
                 if count >= self._max_batch:
                     break
                 try:
-                    nxt = self._queue.get_nowait()
+                    nxt = get_nowait()
                 except queue.Empty:
                     break
-            self._process(items)
+            try:
+                self._process(items)
+            except BaseException as exc:  # never leave a submitter waiting forever
+                _log.exception("ledger writer failed")
+                _settle(items, None, LedgerWriteError(f"usage record not durable: {exc!r}"))
         self._replay()
         try:
             self._close()
@@ -161,53 +200,53 @@ class GroupCommitWriter:
             self._spool.close()
 
     def _process(self, items: list[_Item]) -> None:
-        records: list[UsageRecord] = []
-        first_index: dict[str, int] = {}
-        for item in items:
-            for rec in item.records:
-                first_index.setdefault(rec.request_id, len(records))
-                records.append(rec)
-        unique = [records[i] for i in sorted(set(first_index.values()))]
-        outcomes: list[WriteOutcome]
-        if not unique:
-            outcomes = []
+        entries = [e for item in items for e in item[0]]
+        if not entries:
+            _settle(items, [])
+            return
+        key = self._key
+        ids = [key(e) for e in entries]
+        first_index = dict(zip(reversed(ids), range(len(ids) - 1, -1, -1), strict=True))
+        if len(first_index) == len(entries):
+            unique, dup_free = entries, True  # the usual case: no retry within the batch
         else:
-            if self._spool is not None and self._spool.pending:
-                self._replay()
-            try:
-                # While the database is known to be down, go straight to the spool so
-                # requests are not held up by a connection timeout per batch.
-                if self._spool is not None and self._spool.pending and (
-                    time.monotonic() - self._last_failure < self._retry_interval_s
-                ):
-                    raise _SkipDatabase()
-                self.stats.batches += 1
-                flags = self._commit(unique)
-                inserted = dict(zip((r.request_id for r in unique), flags, strict=True))
-                self.stats.committed += sum(flags)
-                self.stats.duplicates += len(records) - sum(flags)
-                outcomes = [
-                    WriteOutcome(inserted[r.request_id] and first_index[r.request_id] == i)
-                    for i, r in enumerate(records)
-                ]
-            except Exception as exc:
-                if not isinstance(exc, _SkipDatabase):
-                    self.stats.db_errors += 1
-                    self._last_failure = time.monotonic()
-                    _log.warning("ledger commit failed (%s); spooling %d records", exc, len(unique))
-                outcomes = self._spool_or_fail(unique, records, first_index, exc)
-                if outcomes is None:
-                    for item in items:
-                        _resolve(item.future, error=LedgerWriteError(
-                            f"usage record not durable: {exc!r}"))
-                    return
-        pos = 0
-        for item in items:
-            n = len(item.records)
-            _resolve(item.future, outcomes[pos:pos + n])
-            pos += n
+            unique = [entries[i] for i in sorted(first_index.values())]
+            dup_free = False
+        if self._spool is not None and self._spool.pending:
+            self._replay()
+        try:
+            # While the database is known to be down, go straight to the spool so
+            # requests are not held up by a connection timeout per batch.
+            if self._spool is not None and self._spool.pending and (
+                time.monotonic() - self._last_failure < self._retry_interval_s
+            ):
+                raise _SkipDatabase()
+            self.stats.batches += 1
+            flags = self._commit(unique)
+        except Exception as exc:
+            if not isinstance(exc, _SkipDatabase):
+                self.stats.db_errors += 1
+                self._last_failure = time.monotonic()
+                _log.warning("ledger commit failed (%s); spooling %d records", exc, len(unique))
+            outcomes = self._spool_or_fail(unique, ids, first_index)
+            if outcomes is None:
+                _settle(items, None, LedgerWriteError(f"usage record not durable: {exc!r}"))
+                return
+            _settle(items, outcomes)
+            return
+        new = sum(flags)
+        self.stats.committed += new
+        self.stats.duplicates += len(entries) - new
+        if dup_free:
+            outcomes = [WriteOutcome(f) for f in flags]
+        else:
+            inserted = dict(zip((key(e) for e in unique), flags, strict=True))
+            outcomes = [WriteOutcome(inserted[r] and first_index[r] == i)
+                        for i, r in enumerate(ids)]
+        _settle(items, outcomes)
 
-    def _spool_or_fail(self, unique, records, first_index, exc) -> list[WriteOutcome] | None:
+    def _spool_or_fail(self, unique: list[Any], ids: list[str], first_index: dict[str, int]
+                       ) -> list[WriteOutcome] | None:
         if self._spool is None:
             self.stats.failed += len(unique)
             return None
@@ -220,15 +259,12 @@ class GroupCommitWriter:
             return None
         self.stats.spooled += len(unique)
         self.stats.spool_pending = self._spool.pending
-        self.stats.duplicates += len(records) - len(unique)
-        return [
-            WriteOutcome(first_index[r.request_id] == i, spooled=True)
-            for i, r in enumerate(records)
-        ]
+        self.stats.duplicates += len(ids) - len(unique)
+        return [WriteOutcome(first_index[r] == i, spooled=True) for i, r in enumerate(ids)]
 
-    def _commit_chunks(self, records: Sequence[UsageRecord]) -> None:
-        for start in range(0, len(records), self._max_batch):
-            self._commit(records[start:start + self._max_batch])
+    def _commit_chunks(self, entries: Sequence[Any]) -> None:
+        for start in range(0, len(entries), self._max_batch):
+            self._commit(entries[start:start + self._max_batch])
 
     def _replay(self) -> None:
         """Try to move this process's spool into the database (idempotent)."""
@@ -237,16 +273,16 @@ class GroupCommitWriter:
         if spool is None or not spool.pending:
             return
         try:
-            records = spool.read_own()
-            self._commit_chunks(records)
+            entries = spool.read_own()
+            self._commit_chunks(entries)
         except Exception as exc:
             self._last_failure = time.monotonic()
             _log.debug("spool replay failed: %s", exc)
             return
         spool.clear_own()
-        self.stats.replayed += len(records)
+        self.stats.replayed += len(entries)
         self.stats.spool_pending = 0
-        _log.info("replayed %d spooled usage records into the ledger", len(records))
+        _log.info("replayed %d spooled usage records into the ledger", len(entries))
 
     def _replay_orphans(self) -> None:
         """Replay spool files left by processes that died before replaying them."""
@@ -255,10 +291,10 @@ class GroupCommitWriter:
         try:
             for path, fd in self._spool.orphans():
                 try:
-                    records = Spool.read_path(path)
-                    self._commit_chunks(records)
+                    entries = Spool.read_path(path)
+                    self._commit_chunks(entries)
                     os.unlink(path)
-                    self.stats.replayed += len(records)
+                    self.stats.replayed += len(entries)
                 finally:
                     os.close(fd)
         except Exception as exc:
@@ -269,10 +305,44 @@ class _SkipDatabase(Exception):
     pass
 
 
+def _settle(items: list[_Item], outcomes: list[WriteOutcome] | None,
+            error: BaseException | None = None) -> None:
+    """Settle every submitter of a batch: one cross-thread call per event loop.
+
+    A submitter that gave up (cancelled) is skipped, but its record was written all the
+    same: once enqueued, a record is never dropped.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, object]]] = {}
+    pos = 0
+    for entries, future, loop in items:
+        n = len(entries)
+        if loop is None:
+            _resolve(future, outcomes[pos:pos + n] if error is None else None, error)
+        else:
+            pairs = by_loop.get(loop)
+            if pairs is None:
+                pairs = by_loop[loop] = []
+            # asyncio submitters always queue exactly one entry
+            pairs.append((future, error if error is not None else outcomes[pos]))
+        pos += n
+    for loop, pairs in by_loop.items():
+        # RuntimeError: the submitter's loop is closed, so nobody is waiting.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle_in_loop, pairs)
+
+
+def _settle_in_loop(pairs: list[tuple[asyncio.Future, object]]) -> None:
+    for future, result in pairs:
+        if future.done():  # cancelled by its submitter
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
 def _resolve(future: concurrent.futures.Future, result: object = None,
              error: BaseException | None = None) -> None:
-    """Settle a submitter's future; a submitter that gave up (cancelled) is ignored, but
-    its record was written all the same: once enqueued, a record is never dropped."""
     try:
         if error is not None:
             future.set_exception(error)

@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 from collections.abc import Sequence
+from operator import attrgetter
 
 from exporters.ledger.sink import GroupCommitSink
 from exporters.ledger.spool import ensure_private_dir
@@ -36,6 +37,16 @@ class JsonlLedger(GroupCommitSink):
         self._offset = 0
         self._start(name="ledger-jsonl", spool_dir=None, max_batch=max_batch,
                     retry_interval_s=1.0)
+
+    # The JSONL writer stores records (their to_jsonl_dict lines), not SQL rows.
+    _entry_key = staticmethod(attrgetter("request_id"))
+
+    def _prepare(self, record: UsageRecord) -> UsageRecord:
+        super()._prepare(record)  # validates (type, request_id, ts, cost)
+        return record
+
+    def write_rows(self, rows: Sequence[tuple]) -> list:
+        raise TypeError("the JSONL ledger takes UsageRecords: use write_batch")
 
     def _catch_up(self) -> None:
         """Learn request_ids appended (by anyone) after ``self._offset``."""

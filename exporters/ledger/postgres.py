@@ -1,10 +1,11 @@
 """PostgreSQL ledger writer (psycopg 3): same schema, migrations and group commit as SQLite.
 
 Each batch is one transaction; with PostgreSQL's default ``synchronous_commit = on`` the
-COMMIT returns only after the WAL is flushed, so a committed record is durable. Raw rows go
-in as multi-row ``INSERT ... ON CONFLICT DO NOTHING RETURNING request_id`` (the returned
-ids are the newly inserted ones); rollup upserts are sorted by key so concurrent writer
-processes always lock buckets in the same order (no deadlocks). A broken connection is
+COMMIT returns only after the WAL is flushed, so a committed record is durable. Rows are
+streamed with ``COPY`` into a session temp table, then one statement moves them with
+``INSERT ... ON CONFLICT DO NOTHING RETURNING`` (the returned ids are the newly inserted
+ones) and upserts the minute rollups of exactly those rows, sorted by key so concurrent
+writer processes always lock buckets in the same order (no deadlocks). A broken connection is
 dropped and reopened on the next batch; meanwhile records go to the spool.
 """
 
@@ -14,20 +15,27 @@ from collections.abc import Sequence
 
 import psycopg
 
-from exporters.ledger.schema import (
-    RAW_COLUMNS,
-    migrate,
-    record_to_row,
-    rollup_rows,
-    rollup_upsert_sql,
-)
+from exporters.ledger.schema import RAW_COLUMNS, ROLLUP_KEYS, ROLLUP_SUMS, migrate
 from exporters.ledger.sink import GroupCommitSink
-from exporters.usage_record import UsageRecord
 
 __all__ = ["PostgresLedger", "connect_postgres"]
 
-_CHUNK = 1000  # rows per INSERT statement: 26 columns x 1000 stays under 65535 parameters
-_ROW = "(" + ", ".join(["%s"] * len(RAW_COLUMNS)) + ")"
+_STAGE = "ledger_stage"
+_COLS = ", ".join(RAW_COLUMNS)
+_COPY = f"COPY {_STAGE} ({_COLS}) FROM STDIN"
+_SCLASS = "CASE WHEN status = 'ok' THEN 'ok' ELSE 'error' END"
+_ROLL_COLS = ", ".join((*ROLLUP_KEYS, *ROLLUP_SUMS))
+_ROLL_SUMS = ", ".join(["COUNT(*)"] + [f"SUM({c})" for c in ROLLUP_SUMS[1:]])
+_ROLL_UPDATES = ", ".join(f"{c} = usage_rollup_minute.{c} + excluded.{c}" for c in ROLLUP_SUMS)
+_INSERT_NEW = (
+    f"WITH ins AS (INSERT INTO usage_records ({_COLS}) SELECT {_COLS} FROM {_STAGE} "
+    f"ON CONFLICT (request_id) DO NOTHING RETURNING {_COLS}), "
+    f"roll AS (INSERT INTO usage_rollup_minute ({_ROLL_COLS}) "
+    f"SELECT substr(ts, 1, 16), tenant, model, operation, {_SCLASS}, {_ROLL_SUMS} FROM ins "
+    f"GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5 "
+    f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}) DO UPDATE SET {_ROLL_UPDATES}) "
+    "SELECT request_id FROM ins"
+)
 
 
 def connect_postgres(url: str, *, connect_timeout_s: int = 5, create: bool = True
@@ -53,9 +61,7 @@ class PostgresLedger(GroupCommitSink):
     ) -> None:
         self.url = url
         self._connect_timeout_s = connect_timeout_s
-        self._conn: psycopg.Connection | None = connect_postgres(
-            url, connect_timeout_s=connect_timeout_s)
-        self._rollup_sql = rollup_upsert_sql("%s")
+        self._conn: psycopg.Connection | None = self._connect(create=True)
         self._start(
             name="ledger-postgres",
             spool_dir=spool_dir if spool_dir is not None else _default_spool_dir(),
@@ -63,32 +69,37 @@ class PostgresLedger(GroupCommitSink):
             retry_interval_s=retry_interval_s,
         )
 
-    def _commit(self, records: Sequence[UsageRecord]) -> list[bool]:
-        rows = [record_to_row(r) for r in records]
+    def _commit(self, rows: Sequence[tuple]) -> list[bool]:
+        """One transaction: COPY the rows into a staging table, then one statement inserts
+        the new ones (ON CONFLICT DO NOTHING), upserts their minute rollups (aggregated by
+        PostgreSQL from exactly the inserted rows, buckets in key order so concurrent writer
+        processes lock them in the same order: no deadlocks) and returns the new ids."""
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = connect_postgres(self.url, connect_timeout_s=self._connect_timeout_s,
-                                          create=False)
+            self._conn = self._connect(create=False)
         conn = self._conn
         try:
-            inserted: set[str] = set()
             with conn.transaction(), conn.cursor() as cur:
-                for start in range(0, len(rows), _CHUNK):
-                    chunk = rows[start:start + _CHUNK]
-                    cur.execute(
-                        f"INSERT INTO usage_records ({', '.join(RAW_COLUMNS)}) VALUES "
-                        + ", ".join([_ROW] * len(chunk))
-                        + " ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-                        [v for row in chunk for v in row],
-                    )
-                    inserted.update(r[0] for r in cur.fetchall())
-                new_rows = [row for row in rows if row[0] in inserted]
-                if new_rows:
-                    cur.executemany(self._rollup_sql, sorted(rollup_rows(new_rows)))
+                with cur.copy(_COPY) as copy:
+                    write_row = copy.write_row
+                    for row in rows:
+                        write_row(row)
+                cur.execute(_INSERT_NEW)
+                inserted = {r[0] for r in cur.fetchall()}
         except psycopg.Error:
             if conn.broken or conn.closed:
                 self._conn = None
             raise
-        return [r.request_id in inserted for r in records]
+        if len(inserted) == len(rows):
+            return [True] * len(rows)
+        return [row[0] in inserted for row in rows]
+
+    def _connect(self, *, create: bool) -> psycopg.Connection:
+        conn = connect_postgres(self.url, connect_timeout_s=self._connect_timeout_s,
+                                create=create)
+        # Per-session staging table for COPY; emptied at every commit.
+        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE usage_records) "
+                     "ON COMMIT DELETE ROWS")
+        return conn
 
     def _close(self) -> None:
         if self._conn is not None:

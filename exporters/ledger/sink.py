@@ -1,18 +1,25 @@
 """The UsageSink surface shared by every ledger writer, over a GroupCommitWriter.
 
-A writer subclass supplies ``_commit(records) -> list[bool]`` (one durable transaction,
+A writer subclass supplies ``_commit(entries) -> list[bool]`` (one durable transaction,
 run on the writer thread) and ``_close()``; this class gives it ``submit`` (async),
 ``write_batch`` (blocking), ``force_flush``, ``shutdown`` and ``stats``.
+
+Records are validated and converted to their ledger row (``record_to_row``) on the
+submitting side, once: a malformed record is rejected before it can poison a batch or
+the spool, and the writer thread only binds ready tuples. A writer that stores records
+rather than rows (JSONL) overrides ``_prepare`` and ``_entry_key``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from operator import itemgetter
+from typing import Any
 
 from exporters.ledger.base import WriteOutcome
 from exporters.ledger.group_commit import GroupCommitWriter, LedgerStats
-from exporters.ledger.schema import cost_to_micros, normalize_ts
+from exporters.ledger.schema import record_to_row
 from exporters.ledger.spool import Spool
 from exporters.usage_record import UsageRecord
 
@@ -23,6 +30,7 @@ class GroupCommitSink:
     """Base of the SQLite, PostgreSQL and JSONL writers (implements UsageSink)."""
 
     url: str = ""
+    _entry_key: Any = staticmethod(itemgetter(0))  # request_id is the row's first column
 
     def _start(
         self, *, name: str, spool_dir: str | None, max_batch: int, retry_interval_s: float
@@ -32,9 +40,11 @@ class GroupCommitSink:
             close=self._close,
             spool=Spool(spool_dir) if spool_dir else None,
             name=name,
+            key=self._entry_key,
             max_batch=max_batch,
             retry_interval_s=retry_interval_s,
         )
+        self._submit_nowait = self._writer.submit_nowait
 
     @property
     def stats(self) -> LedgerStats:
@@ -43,15 +53,19 @@ class GroupCommitSink:
 
     async def submit(self, record: UsageRecord) -> WriteOutcome:
         """Return once ``record`` is durable. Raises LedgerWriteError, ValueError (bad record)."""
-        _validate(record)
-        outcomes = await asyncio.wrap_future(self._writer.enqueue((record,)))
-        return outcomes[0]
+        entry = self._prepare(record)
+        return await self._submit_nowait(entry, asyncio.get_running_loop())
 
     def write_batch(self, records: Sequence[UsageRecord]) -> list[WriteOutcome]:
         """Blocking: make all ``records`` durable (one commit unless larger than max_batch)."""
-        for record in records:
-            _validate(record)
-        return self._writer.enqueue(list(records)).result()
+        prepare = self._prepare
+        return self._writer.enqueue([prepare(r) for r in records]).result()
+
+    def write_rows(self, rows: Sequence[tuple[Any, ...]]) -> list[WriteOutcome]:
+        """Blocking bulk load of ready ledger rows (``record_to_row`` tuples, RAW_COLUMNS
+        order): the same commit, rollups and idempotency as ``write_batch`` minus the
+        per-record conversion. For loaders and benchmarks; SQL writers only."""
+        return self._writer.enqueue(rows).result()
 
     def force_flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until everything submitted is durable (committed or spooled)."""
@@ -61,7 +75,18 @@ class GroupCommitSink:
         """Flush, retry the spool once, close; idempotent."""
         self._writer.close()
 
-    def _commit(self, records: Sequence[UsageRecord]) -> list[bool]:  # pragma: no cover
+    def _prepare(self, record: UsageRecord) -> Any:
+        """Validate ``record`` and return what the writer thread commits (its row tuple).
+
+        Raises TypeError (not a UsageRecord) or ValueError (empty request_id, bad ts/cost).
+        """
+        if type(record) is not UsageRecord and not isinstance(record, UsageRecord):
+            raise TypeError(f"expected UsageRecord, got {type(record).__name__}")
+        if not record.request_id:
+            raise ValueError("usage record has an empty request_id")
+        return record_to_row(record)
+
+    def _commit(self, entries: Sequence[Any]) -> list[bool]:  # pragma: no cover
         raise NotImplementedError
 
     def _close(self) -> None:  # pragma: no cover
@@ -69,13 +94,3 @@ class GroupCommitSink:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
-
-
-def _validate(record: UsageRecord) -> None:
-    """Reject a malformed record at submit time, so it can never poison a batch or spool."""
-    if not isinstance(record, UsageRecord):
-        raise TypeError(f"expected UsageRecord, got {type(record).__name__}")
-    if not record.request_id:
-        raise ValueError("usage record has an empty request_id")
-    normalize_ts(record.ts)
-    cost_to_micros(record.cost)

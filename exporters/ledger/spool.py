@@ -17,8 +17,13 @@ import json
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from typing import Any
 
+from exporters.ledger.schema import record_to_row
 from exporters.usage_record import LEDGER_COLUMNS, UsageRecord
+
+_N = len(LEDGER_COLUMNS)
+_TRUNCATED = LEDGER_COLUMNS.index("truncated")
 
 __all__ = ["Spool"]
 
@@ -37,23 +42,30 @@ class Spool:
         self._fd: int | None = None
         self.pending = 0  # records appended here and not yet replayed
 
-    def append(self, records: Sequence[UsageRecord]) -> None:
-        """Durably append ``records`` (write + fsync). Raises OSError when that fails."""
+    def append(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Durably append ledger rows (write + fsync). Raises OSError when that fails.
+
+        ``rows`` are :func:`~exporters.ledger.schema.record_to_row` tuples; each line is
+        the record's ledger fields as a JSON object (what :meth:`read_own` reads back).
+        """
         if self._fd is None:
             ensure_private_dir(self.directory)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._fd = fd
-        data = "".join(json.dumps({c: getattr(r, c) for c in LEDGER_COLUMNS}, separators=(",", ":")) + "\n" for r in records)
+        data = "".join(
+            json.dumps(dict(zip(LEDGER_COLUMNS, row[:_N], strict=True)) | {
+                "truncated": bool(row[_TRUNCATED])}, separators=(",", ":")) + "\n"
+            for row in rows)
         payload = data.encode()
         written = 0
         while written < len(payload):
             written += os.write(self._fd, payload[written:])
         os.fsync(self._fd)
-        self.pending += len(records)
+        self.pending += len(rows)
 
-    def read_own(self) -> list[UsageRecord]:
-        """Everything in this process's spool file."""
+    def read_own(self) -> list[tuple[Any, ...]]:
+        """Everything in this process's spool file, as ledger rows."""
         return list(_read(self.path)) if self.pending else []
 
     def clear_own(self) -> None:
@@ -83,7 +95,7 @@ class Spool:
             yield path, fd
 
     @staticmethod
-    def read_path(path: str) -> list[UsageRecord]:
+    def read_path(path: str) -> list[tuple[Any, ...]]:
         return list(_read(path))
 
     def close(self) -> None:
@@ -95,7 +107,7 @@ class Spool:
             self._fd = None
 
 
-def _read(path: str) -> Iterator[UsageRecord]:
+def _read(path: str) -> Iterator[tuple[Any, ...]]:
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             line = line.strip()
@@ -103,6 +115,6 @@ def _read(path: str) -> Iterator[UsageRecord]:
             if not line:
                 continue
             try:
-                yield UsageRecord(**json.loads(line))
+                yield record_to_row(UsageRecord(**json.loads(line)))
             except (ValueError, TypeError):
                 continue

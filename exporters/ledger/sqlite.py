@@ -18,16 +18,9 @@ import os
 import sqlite3
 from collections.abc import Sequence
 
-from exporters.ledger.schema import (
-    RAW_COLUMNS,
-    migrate,
-    record_to_row,
-    rollup_rows,
-    rollup_upsert_sql,
-)
+from exporters.ledger.schema import RAW_COLUMNS, migrate, rollup_from_new_sql
 from exporters.ledger.sink import GroupCommitSink
 from exporters.ledger.spool import ensure_private_dir
-from exporters.usage_record import UsageRecord
 
 __all__ = ["SqliteLedger", "connect_sqlite"]
 
@@ -35,6 +28,8 @@ _INSERT = (
     f"INSERT INTO usage_records ({', '.join(RAW_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(RAW_COLUMNS))}) ON CONFLICT (request_id) DO NOTHING"
 )
+_NEW_IDS = "SELECT request_id FROM usage_records WHERE rowid > ?"
+_ROLLUP_FROM_NEW = rollup_from_new_sql()
 
 
 def connect_sqlite(path: str, *, busy_timeout_ms: int = 10_000, synchronous: str = "FULL",
@@ -77,7 +72,7 @@ class SqliteLedger(GroupCommitSink):
         self.url = f"sqlite:///{self.path}"
         self._conn = connect_sqlite(self.path, busy_timeout_ms=busy_timeout_ms,
                                     synchronous=synchronous.upper())
-        self._rollup_sql = rollup_upsert_sql("?")
+        self._cur = self._conn.cursor()
         self._start(
             name="ledger-sqlite",
             spool_dir=spool_dir if spool_dir is not None else self.path + ".spool",
@@ -85,23 +80,36 @@ class SqliteLedger(GroupCommitSink):
             retry_interval_s=retry_interval_s,
         )
 
-    def _commit(self, records: Sequence[UsageRecord]) -> list[bool]:
-        rows = [record_to_row(r) for r in records]
-        cur = self._conn.cursor()
+    def _commit(self, rows: Sequence[tuple]) -> list[bool]:
+        """One transaction: raw rows (executemany), then the batch's rollups, then COMMIT.
+
+        Which rows were new is learnt without a statement per row: new rows get rowids
+        above the pre-insert maximum (no AUTOINCREMENT, and BEGIN IMMEDIATE keeps other
+        writers out), so when the change count is short of the batch (retried ids) the
+        inserted request_ids are read back by rowid. The rollups are aggregated by SQLite
+        from exactly those rows (GROUP BY over the rowid range) and upserted once per
+        bucket, in the same transaction, so they can never disagree with the raw rows.
+        """
+        conn = self._conn
+        cur = self._cur
         cur.execute("BEGIN IMMEDIATE")
         try:
-            flags = []
-            for row in rows:
-                cur.execute(_INSERT, row)
-                flags.append(cur.rowcount == 1)
-            new_rows = [row for row, ok in zip(rows, flags, strict=True) if ok]
-            if new_rows:
-                cur.executemany(self._rollup_sql, rollup_rows(new_rows))
+            before = cur.execute("SELECT max(rowid) FROM usage_records").fetchone()[0] or 0
+            changes = conn.total_changes
+            cur.executemany(_INSERT, rows)
+            new = conn.total_changes - changes
+            if new == len(rows):
+                flags = [True] * new
+            else:
+                got = {r[0] for r in cur.execute(_NEW_IDS, (before,))}
+                flags = [row[0] in got for row in rows]
+            if new:
+                cur.execute(_ROLLUP_FROM_NEW, (before,))
             cur.execute("COMMIT")
         except BaseException:
             # SQLite may already have rolled back (disk full, I/O error).
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         return flags
 
