@@ -13,27 +13,43 @@ from imaging import CORPUS, same_text
 from support.server import ServerProcess
 from test_serving_ocr import ocr_oip_grpc, ocr_oip_http, ocr_pipeline_grpc, ocr_pipeline_http
 
+_LISTEN, _ESTABLISHED = "0A", "01"
+
+
+def _socket_inodes(port: int, state: str) -> set[str]:
+    """Inodes of TCP sockets whose local port is ``port`` in ``state``, from /proc."""
+    table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    table += Path("/proc/net/tcp6").read_text().splitlines()[1:]
+    inodes = set()
+    for line in table:
+        fields = line.split()
+        if fields[3] == state and int(fields[1].split(":")[1], 16) == port:
+            inodes.add(fields[9])
+    return inodes
+
+
+def _fd_inodes(pid: int | str) -> set[str]:
+    found = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            match = re.match(r"socket:\[(\d+)\]", os.readlink(f"/proc/{pid}/fd/{fd}"))
+            if match:
+                found.add(match.group(1))
+    except OSError:
+        pass
+    return found
+
 
 def _listening_pids(port: int) -> set[int]:
     """PIDs holding a LISTEN socket on 127.0.0.1:port, read from /proc (no extra tools)."""
-    inodes = set()
-    table = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    table += Path("/proc/net/tcp6").read_text().splitlines()[1:]
-    for line in table:
-        fields = line.split()
-        local, state, inode = fields[1], fields[3], fields[9]
-        if state == "0A" and int(local.split(":")[1], 16) == port:
-            inodes.add(inode)
-    pids = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                match = re.match(r"socket:\[(\d+)\]", os.readlink(f"/proc/{pid}/fd/{fd}"))
-                if match and match.group(1) in inodes:
-                    pids.add(int(pid))
-        except OSError:
-            continue
-    return pids
+    inodes = _socket_inodes(port, _LISTEN)
+    return {int(pid) for pid in filter(str.isdigit, os.listdir("/proc")) if _fd_inodes(pid) & inodes}
+
+
+def _accepted_connections(pids: set[int], ports: tuple[int, ...]) -> int:
+    """Connections the worker processes have accepted on ``ports`` (not just queued)."""
+    established = set().union(*(_socket_inodes(port, _ESTABLISHED) for port in ports))
+    return sum(len(_fd_inodes(pid) & established) for pid in pids)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +77,16 @@ def test_sigterm_with_requests_in_flight_loses_none(two_workers):
     calls = [ocr_oip_grpc, ocr_oip_http, ocr_pipeline_grpc, ocr_pipeline_http] * 3
     with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
         futures = [pool.submit(call, two_workers, item.data) for call in calls]
-        time.sleep(0.5)  # requests are on the wire and being served
+        # In flight means accepted by a worker: a connection still queued in a closing
+        # listener's backlog is reset by the kernel, which no server can prevent.
+        workers = _listening_pids(two_workers.http_port)
+        ports = (two_workers.http_port, two_workers.grpc_port)
+        deadline = time.monotonic() + 60
+        # One connection per HTTP call; gRPC channels to one target share a connection.
+        expected = sum(call in (ocr_oip_http, ocr_pipeline_http) for call in calls) + 1
+        while _accepted_connections(workers, ports) < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # and their requests read and dispatched
         two_workers.proc.send_signal(15)
         results = [f.result(timeout=120) for f in futures]
     for lines in results:
