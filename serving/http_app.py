@@ -21,7 +21,7 @@ from serving.errors import ServingError, as_serving_error, http_status, pipeline
 from serving.model_host import ModelHost
 from serving.oip_grpc import _VERSION
 from serving.oip_tensors import decode_raw, encode_raw, from_json_data, to_json_data
-from serving.pipeline import handle_pipeline, pipeline_fields
+from serving.pipeline import handle_pipeline, pipeline_failure, pipeline_fields
 
 __all__ = ["BodyLimit", "build_http_app"]
 
@@ -191,6 +191,19 @@ def _oip_router(host: ModelHost) -> APIRouter:
     return router
 
 
+async def _json_object(request: Request, shape: str) -> dict[str, Any]:
+    """The request body as a JSON object; ServingError naming the expected ``shape``."""
+    try:
+        document = json.loads(await request.body() or b"null")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ServingError(
+            "invalid_argument", f"request body is not valid JSON ({exc}); send {shape}"
+        ) from None
+    if not isinstance(document, dict):
+        raise ServingError("invalid_argument", f"request body must be a JSON object like {shape}")
+    return document
+
+
 def _tokenize_router(host: ModelHost) -> APIRouter:
     router = APIRouter()
 
@@ -198,13 +211,8 @@ def _tokenize_router(host: ModelHost) -> APIRouter:
     async def count_tokens(request: Request) -> Response:
         """{"model": "ernie", "text": "...", "text_pair": null} -> ids and the billed count."""
         try:
-            try:
-                document = json.loads(await request.body() or b"null")
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise ServingError(
-                    "invalid_argument", f"request body is not valid JSON: {exc}"
-                ) from None
-            if not isinstance(document, dict) or "text" not in document:
+            document = await _json_object(request, '{"model": "<name>", "text": "..."}')
+            if "text" not in document:
                 raise ServingError("invalid_argument", 'send {"model": "<name>", "text": "..."}')
             name = document.get("model") or host.default_name() or ""
             return JSONResponse(
@@ -221,21 +229,21 @@ def _pipeline_router(host: ModelHost) -> APIRouter:
 
     @router.post("/{name}/{method}")
     async def pipeline(name: str, method: str, request: Request) -> Response:
+        # An unreadable body is an HTTP error, as Paddle Serving's gateway makes it; a
+        # readable one with bad fields is answered the pipeline way, with err_no.
         try:
-            document = json.loads(await request.body() or b"null")
-            if not isinstance(document, dict):
-                raise ValueError('expected a JSON object like {"key": [...], "value": [...]}')
+            document = await _json_object(request, '{"key": [...], "value": [...]}')
             logid = int(document.get("logid") or 0)
-            fields = pipeline_fields(document.get("key") or [], document.get("value") or [])
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
-            error = (
-                exc
-                if isinstance(exc, ServingError)
-                else ServingError("invalid_argument", f"bad request body: {exc}")
+        except (ServingError, ValueError, TypeError) as exc:
+            message = exc.message if isinstance(exc, ServingError) else f"bad logid: {exc}"
+            return JSONResponse(
+                {"err_no": pipeline_err_no("invalid_argument"), "err_msg": message}, status_code=400
             )
-            err_no = pipeline_err_no(error.kind)
-            status = 200 if isinstance(exc, ServingError) else 400
-            return JSONResponse({"err_no": err_no, "err_msg": error.message}, status_code=status)
+        try:
+            fields = pipeline_fields(document.get("key") or [], document.get("value") or [])
+        except ServingError as exc:
+            reply = pipeline_failure(exc, name)
+            return JSONResponse({"err_no": reply.err_no, "err_msg": reply.err_msg})
         reply = await handle_pipeline(host, name, fields, logid, method)
         return JSONResponse(
             {

@@ -25,6 +25,7 @@ __all__ = [
     "PipelineReply",
     "SERVICE_NAME",
     "handle_pipeline",
+    "pipeline_failure",
     "pipeline_fields",
 ]
 
@@ -50,6 +51,8 @@ def pipeline_fields(
         )
     fields: dict[str, str] = {}
     for key, value in zip(keys, values, strict=True):
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ServingError("invalid_argument", f"key {key!r}: keys and values must be strings")
         if key in fields:
             raise ServingError("invalid_argument", f"key {key!r} is sent twice")
         fields[key] = value
@@ -94,13 +97,18 @@ async def handle_pipeline(
         error = as_serving_error(exc)
         if error.kind == "internal":
             log.exception("pipeline request failed", extra={"model": model_name})
-        err_no = pipeline_err_no(error.kind)
-        usage = current_usage()
-        if usage is not None:
-            usage.app_status = f"err_no={err_no}"
-            if usage.model is None:
-                usage.model = model_name
-        return PipelineReply(err_no, error.message)
+        return pipeline_failure(error, model_name)
+
+
+def pipeline_failure(error: ServingError, model: str | None = None) -> PipelineReply:
+    """The err_no reply for ``error``, marking the metered call failed (transport says OK)
+    and recording it against ``model`` so the failed call is in the ledger, unbilled."""
+    err_no = pipeline_err_no(error.kind)
+    if (usage := current_usage()) is not None:
+        usage.app_status = f"err_no={err_no}"
+        if usage.model is None and model:
+            usage.model = model
+    return PipelineReply(err_no, error.message)
 
 
 class PipelineGrpcService(pb_grpc.PipelineServiceServicer):
@@ -111,11 +119,8 @@ class PipelineGrpcService(pb_grpc.PipelineServiceServicer):
         try:
             fields = pipeline_fields(request.key, request.value, request.tensors)
         except ServingError as exc:
-            usage = current_usage()
-            err_no = pipeline_err_no(exc.kind)
-            if usage is not None:
-                usage.app_status = f"err_no={err_no}"
-            return pb.Response(err_no=err_no, err_msg=exc.message)
+            reply = pipeline_failure(exc, request.name or self._host.default_name())
+            return pb.Response(err_no=reply.err_no, err_msg=reply.err_msg)
         reply = await handle_pipeline(
             self._host, request.name, fields, request.logid, request.method
         )

@@ -234,6 +234,15 @@ def test_bad_request_gets_error_span_and_zero_billable_record(stack):
             metadata=[("x-request-id", grpc_id)],
         )
     assert reply.err_no == 5000
+    mismatched = f"badhttp-{uuid.uuid4().hex[:8]}"
+    reply = httpx.post(
+        f"{server.http_url}/ocr/prediction",
+        json={"key": ["image"], "value": []},
+        headers={"x-request-id": mismatched},
+    )
+    assert reply.status_code == 200 and reply.json()["err_no"] == 5000
+    (row,) = _ledger_rows(url, "WHERE request_id = ?", (mismatched,))
+    assert row["status"] == "err_no=5000" and row["billable_tokens"] == 0
     span = _server_span(sink, grpc_id)
     assert span["status_code"] == "ERROR"
     (row,) = _ledger_rows(url, "WHERE request_id = ?", (grpc_id,))
