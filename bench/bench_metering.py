@@ -1,22 +1,25 @@
-"""What metering costs a gRPC call: same server, same requests, one run, four modes.
+"""What metering costs: the REAL ``paddle-meter serve`` process, three modes, one run.
 
-Modes (each in a fresh server subprocess, so CPU time is the server's alone):
-  none   no interceptor at all: the baseline
-  off    our MeteringServerInterceptor with metering disabled (config enabled: false)
-  on     metering on: SERVER span, metrics, usage trailers, ledger (OCR only), OTLP export
-         to a local rotel-agent collector (tests/support) when available, else none
-  stock  opentelemetry-instrumentation-grpc's aio server interceptor alone, exporting its
-         spans to the same collector
+Modes (one server process each, all started up front, measured interleaved per round so
+machine noise hits every mode alike):
+  off    ``paddle-meter serve`` with ``metering: {enabled: false}``: no interceptor, no
+         middleware (serving/metering_setup.py): the baseline
+  on     ``paddle-meter serve`` with metering on: SERVER span + stage spans, metrics, usage
+         trailers, SQLite ledger (model calls), OTLP/gRPC export to a local rotel-agent
+         collector (tests/support/collector.py), Prometheus reader for /metrics
+  stock  metering off + ``opentelemetry-instrumentation-grpc``'s aio server interceptor,
+         exporting its spans to the same collector (bench/serve_stock_otel.py: the same
+         PaddleMeterServer with that one interceptor added; product code untouched)
 
-Calls: ``server_live`` (OIP ServerLive, the cheapest call the server has) and ``ocr``
-(Paddle Serving pipeline ``ocr/prediction`` on a small rendered line; loads PP-OCR in each
-server, so it takes a while). Reported per mode: throughput, ratio to ``none``, server CPU
-microseconds per request (``time.process_time`` deltas read from the server process), and
-CPU added over ``none``. The client runs in this process; on a shared 2-core box numbers
-are noisy: compare modes within one run only.
+Calls, over gRPC from this process with ``grpc.aio``:
+  server_live  OIP ``ServerLive``, the cheapest call the server has
+  ocr          Paddle Serving pipeline ``inference`` (``ocr``/``prediction``) on a small
+               rendered text line
+Reported per mode and call: throughput, ratio to ``off``, server CPU microseconds per
+request (utime+stime of the server process from /proc/PID/stat, before/after) and the CPU
+added over ``off``. Medians over rounds. Writes docs/bench_metering.md (--out).
 
-    .venv/bin/python bench/bench_metering.py --call server_live --calls 3000
-    .venv/bin/python bench/bench_metering.py --call ocr --calls 60 --concurrency 2
+    .venv/bin/python bench/bench_metering.py --rounds 5 --live-calls 3000 --ocr-calls 40
 """
 
 from __future__ import annotations
@@ -25,272 +28,228 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-MODES = ("none", "off", "on", "stock")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from support.collector import OtlpSink, RotelCollector  # noqa: E402
+from support.server import ServerProcess  # noqa: E402
+
+MODES = ("off", "on", "stock")
+CALLS = ("server_live", "ocr")
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+# The bench measures at the OTel SDK's default cadences (a deployed server's), not the
+# tests' fast ones: BSP every 5 s, metric export every 10 s (config default).
+_OCR_OPTIONS = {"cpu_threads": 1, "pool_size": 1}
 
 
-# --- server side (runs in the subprocess) -----------------------------------------------
-def _interceptors(mode: str, data_dir: Path) -> tuple[list[Any], Any]:
-    """Interceptors for ``mode`` and a shutdown callable."""
-    if mode == "none":
-        return [], lambda: None
-    if mode == "stock":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        from opentelemetry.instrumentation.grpc import aio_server_interceptor
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+class BenchServer(ServerProcess):
+    """ServerProcess that can run another launcher than the ``paddle-meter`` script."""
 
-        provider = TracerProvider()
-        if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        return [aio_server_interceptor(tracer_provider=provider)], provider.shutdown
+    def __init__(self, workdir: Path, config: dict[str, Any], *, env: dict[str, str],
+                 launcher: list[str] | None = None) -> None:
+        super().__init__(workdir, config, env=env)
+        self.launcher = launcher
 
-    from exporters.otel import TelemetryConfig, setup_telemetry
-    from interceptors import MeteringCore, MeteringServerInterceptor
+    def start(self, timeout_s: float = 240.0) -> BenchServer:
+        if self.launcher is None:
+            super().start(timeout_s)
+            return self
+        import httpx
+        import yaml
 
-    if mode == "off":
-        core = MeteringCore(None, enabled=False)
-        return [MeteringServerInterceptor(core)], lambda: None
-    telemetry = setup_telemetry(TelemetryConfig.from_mapping({}))
-    ledger = None
-    with contextlib.suppress(ImportError):  # the ledger writer may not exist yet
-        from exporters.ledger import open_ledger
-
-        ledger = open_ledger(str(data_dir / "ledger.sqlite3"))
-    core = MeteringCore(telemetry, ledger=ledger)
-
-    def shutdown() -> None:
-        core.close()
-        telemetry.shutdown()
-        if ledger is not None:
-            ledger.shutdown()
-
-    return [MeteringServerInterceptor(core)], shutdown
-
-
-async def _serve(mode: str, call: str) -> None:
-    import grpc
-    from tritonclient.grpc import service_pb2_grpc
-
-    from serving import oip_grpc, pipeline
-    from serving.model_host import ModelHost
-    from serving.proto import pipeline_service_pb2_grpc
-
-    models = {"ocr": {"kind": "ocr", "options": {"cpu_threads": 1, "pool_size": 1}}}
-    host = ModelHost(models if call == "ocr" else {}, {"inference_threads": 2})
-    await asyncio.to_thread(host.load)
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-metering-"))
-    interceptors, shutdown = _interceptors(mode, data_dir)
-    server = grpc.aio.server(interceptors=interceptors)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        oip_grpc.OipGrpcService(host), server
-    )
-    pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
-        pipeline.PipelineGrpcService(host), server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"PORT {port}", flush=True)
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def control() -> None:  # "cpu" -> CPU seconds so far; "quit" -> stop
-        for line in sys.stdin:
-            if line.strip() == "cpu":
-                print(f"CPU {time.process_time():.6f}", flush=True)
-            elif line.strip() == "quit":
-                break
-        loop.call_soon_threadsafe(done.set)
-
-    threading.Thread(target=control, daemon=True).start()
-    await done.wait()
-    await server.stop(1)
-    await asyncio.to_thread(shutdown)
-    host.close()
-
-
-# --- client side ------------------------------------------------------------------------
-class _Server:
-    def __init__(self, mode: str, call: str, env: dict[str, str]) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config_path = self.workdir / "config.yaml"
+        config_path.write_text(yaml.safe_dump(self.config), encoding="utf-8")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", mode, "--call", call],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+            [*self.launcher, "--config", str(config_path)], cwd=self.workdir, env=self.env,
+            stdout=self._log, stderr=subprocess.STDOUT,
         )
-        self.port = int(self._read("PORT"))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.logs()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.http_url}/v2/health/ready", timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"server not ready in {timeout_s}s:\n{self.logs()[-4000:]}")
 
-    def _read(self, tag: str) -> str:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(tag + " "):
-                return line.split(" ", 1)[1].strip()
-        raise RuntimeError(f"bench server exited (rc={self.proc.wait()}) before {tag}")
-
-    def cpu(self) -> float:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("cpu\n")
-        self.proc.stdin.flush()
-        return float(self._read("CPU"))
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            assert self.proc.stdin is not None
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+    def cpu_s(self) -> float:
+        """utime + stime of the server process (all its threads), in seconds."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/stat", encoding="ascii") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) * _TICK_S  # fields 14, 15 of stat(5)
 
 
-def _request_factory(call: str) -> tuple[str, Any, Any, Any]:
-    if call == "server_live":
-        from tritonclient.grpc import service_pb2
+def _start_servers(root: Path, otel_env: dict[str, str], modes: list[str]) -> dict[str, Any]:
+    models = {"ocr": {"kind": "ocr", "options": _OCR_OPTIONS}}
+    servers: dict[str, BenchServer] = {}
+    for mode in modes:
+        metering_on = mode == "on"
+        config = {
+            "models": models,
+            "metering": {"enabled": metering_on},
+            "logging": {"level": "WARNING"},
+        }
+        launcher = ([sys.executable, str(REPO / "bench" / "serve_stock_otel.py")]
+                    if mode == "stock" else None)
+        env = otel_env if mode in ("on", "stock") else {}
+        servers[mode] = BenchServer(root / mode, config, env=env, launcher=launcher).start()
+    return servers
 
-        return (
-            "/inference.GRPCInferenceService/ServerLive",
-            service_pb2.ServerLiveRequest(),
-            service_pb2.ServerLiveRequest,
-            service_pb2.ServerLiveResponse,
-        )
-    sys.path.insert(0, str(ROOT / "tests"))
+
+def _requests() -> dict[str, tuple[str, Any, Any, Any]]:
     from imaging import render_line
+    from tritonclient.grpc import service_pb2
 
     from serving.proto import pipeline_service_pb2 as pb
 
     image = base64.b64encode(render_line("metering costs little")).decode()
-    request = pb.Request(key=["image"], value=[image], name="ocr", method="prediction")
-    return (
-        "/baidu.paddle_serving.pipeline_serving.PipelineService/inference",
-        request,
-        pb.Request,
-        pb.Response,
-    )
+    return {
+        "server_live": (
+            "/inference.GRPCInferenceService/ServerLive", service_pb2.ServerLiveRequest(),
+            service_pb2.ServerLiveRequest, service_pb2.ServerLiveResponse,
+        ),
+        "ocr": (
+            "/baidu.paddle_serving.pipeline_serving.PipelineService/inference",
+            pb.Request(key=["image"], value=[image], name="ocr", method="prediction"),
+            pb.Request, pb.Response,
+        ),
+    }
 
 
-async def _drive(port: int, call: str, calls: int, concurrency: int) -> float:
+async def _drive(address: str, spec: tuple[str, Any, Any, Any], calls: int,
+                 concurrency: int) -> float:
+    """Seconds for ``calls`` calls, ``concurrency`` at a time; checks every answer."""
     import grpc
 
-    method, request, req_type, resp_type = _request_factory(call)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = channel.unary_unary(
-            method,
-            request_serializer=req_type.SerializeToString,
-            response_deserializer=resp_type.FromString,
-        )
+    method, request, req_type, resp_type = spec
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = channel.unary_unary(method, request_serializer=req_type.SerializeToString,
+                                   response_deserializer=resp_type.FromString)
         remaining = calls
 
         async def worker() -> None:
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                await stub(request)
+                response = await stub(request)
+                if getattr(response, "err_no", 0) != 0:
+                    raise RuntimeError(f"bench call failed: {response}")
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.perf_counter() - started
 
 
-def _collector_env() -> tuple[dict[str, str], Any]:
-    """OTEL_* env for a local rotel-agent (tests/support), or ({}, None) without one."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    try:
-        from support.collector import OtlpSink, RotelCollector
-
-        sink = OtlpSink().start()
-        agent = RotelCollector(sink.endpoint).start()
-    except Exception as exc:  # no rotel: measure with exporter none, and say so
-        print(f"no collector ({type(exc).__name__}); metering exports nowhere", file=sys.stderr)
-        return {}, None
-
-    def stop() -> None:
-        agent.close()
-        sink.stop()
-
-    return agent.otel_env("grpc"), stop
+def _measure(server: BenchServer, spec: Any, calls: int, concurrency: int) -> tuple[float, float]:
+    asyncio.run(_drive(server.grpc_address, spec, max(calls // 10, 4), concurrency))  # warm
+    cpu0 = server.cpu_s()
+    seconds = asyncio.run(_drive(server.grpc_address, spec, calls, concurrency))
+    return seconds, server.cpu_s() - cpu0
 
 
-def _measure(mode: str, call: str, calls: int, concurrency: int,
-             env: dict[str, str]) -> tuple[float, float]:
-    """One fresh server: (seconds for ``calls``, server CPU seconds for them)."""
-    server = _Server(mode, call, env if mode in ("on", "stock") else {})
-    try:
-        asyncio.run(_drive(server.port, call, max(calls // 10, 20), concurrency))  # warm-up
-        cpu0 = server.cpu()
-        seconds = asyncio.run(_drive(server.port, call, calls, concurrency))
-        return seconds, server.cpu() - cpu0
-    finally:
-        server.close()
-
-
-def run(call: str, calls: int, concurrency: int, modes: list[str],
-        repeats: int = 3) -> list[dict[str, Any]]:
-    """Modes interleaved ``repeats`` times (noise hits all alike); medians reported."""
-    env, stop_collector = _collector_env()
-    samples: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
-    try:
-        for _ in range(repeats):
-            for mode in modes:
-                samples[mode].append(_measure(mode, call, calls, concurrency, env))
-    finally:
-        if stop_collector is not None:
-            stop_collector()
+def run(rounds: int, calls: dict[str, int], concurrency: dict[str, int],
+        modes: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """All servers up, then ``rounds`` rounds of every (call, mode); medians per cell."""
+    specs = _requests()
+    samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    info: dict[str, Any] = {"load_before": os.getloadavg()}
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        sink = stack.enter_context(OtlpSink())
+        collector = stack.enter_context(RotelCollector(sink.endpoint))
+        servers = _start_servers(Path(tmp), collector.otel_env("grpc"), modes)
+        for server in servers.values():
+            stack.callback(server.stop)  # idempotent: stop() on an exited process
+        for n in range(rounds):
+            order = modes[n % len(modes):] + modes[:n % len(modes)]  # no mode always first
+            for call in calls:
+                for mode in order:
+                    samples.setdefault((call, mode), []).append(
+                        _measure(servers[mode], specs[call], calls[call], concurrency[call]))
+        info["load_after"] = os.getloadavg()
+        for server in servers.values():
+            server.stop()  # flushes the exporters: every span reaches the collector
+        time.sleep(1.0)
+        info["spans_at_collector"] = len(sink.spans())
     rows = []
-    for mode in modes:
-        seconds = statistics.median(s for s, _ in samples[mode])
-        cpu = statistics.median(c for _, c in samples[mode])
-        rows.append({"mode": mode, "calls": calls, "repeats": repeats, "seconds": seconds,
-                     "rps": calls / seconds, "cpu_us_per_call": cpu / calls * 1e6,
-                     "exporting": bool(env) and mode in ("on", "stock")})
-    base = next((r for r in rows if r["mode"] == "none"), rows[0])
-    for row in rows:
-        row["throughput_ratio"] = row["rps"] / base["rps"]
-        row["added_cpu_us"] = row["cpu_us_per_call"] - base["cpu_us_per_call"]
-    return rows
+    for call in calls:
+        for mode in modes:
+            cell = samples[(call, mode)]
+            seconds = statistics.median(s for s, _ in cell)
+            cpu = statistics.median(c for _, c in cell)
+            rows.append({"call": call, "mode": mode, "calls": calls[call],
+                         "concurrency": concurrency[call], "rps": calls[call] / seconds,
+                         "cpu_us": cpu / calls[call] * 1e6})
+        base = next(r for r in rows if r["call"] == call and r["mode"] == modes[0])
+        for row in rows:
+            if row["call"] == call:
+                row["ratio"] = row["rps"] / base["rps"]
+                row["added_cpu_us"] = row["cpu_us"] - base["cpu_us"]
+    return rows, info
+
+
+def render(rows: list[dict[str, Any]], info: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [
+        "| call | mode | calls/round | concurrency | req/s | ratio to off | server CPU us/req "
+        "| added CPU us/req |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['call']} | {r['mode']} | {r['calls']} | {r['concurrency']} | "
+                     f"{r['rps']:.1f} | {r['ratio']:.3f} | {r['cpu_us']:.0f} | "
+                     f"{r['added_cpu_us']:+.0f} |")
+    load = (f"load average {info['load_before'][0]:.2f} before, "
+            f"{info['load_after'][0]:.2f} after")
+    return "\n".join([
+        f"`.venv/bin/python bench/bench_metering.py --rounds {args.rounds} "
+        f"--live-calls {args.live_calls} --ocr-calls {args.ocr_calls}`",
+        "",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, {load}",
+        f"- rounds: {args.rounds} (medians), spans received by the collector's sink: "
+        f"{info['spans_at_collector']}",
+        "",
+        *lines,
+    ])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--call", choices=("server_live", "ocr"), default="server_live")
-    parser.add_argument("--calls", type=int, default=3000)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--live-calls", type=int, default=3000)
+    parser.add_argument("--ocr-calls", type=int, default=40)
+    parser.add_argument("--live-concurrency", type=int, default=8)
+    parser.add_argument("--ocr-concurrency", type=int, default=2)
+    parser.add_argument("--calls", default=",".join(CALLS))
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help="write the markdown table here")
     args = parser.parse_args()
-    if args.serve:
-        asyncio.run(_serve(args.serve, args.call))
-        return
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown:
-        parser.error(f"unknown mode(s) {unknown}; known: {list(MODES)}")
-    rows = run(args.call, args.calls, args.concurrency, modes, args.repeats)
-    print(f"call={args.call} calls={args.calls} concurrency={args.concurrency} "
-          f"repeats={args.repeats} (medians)")
-    print(f"{'mode':6} {'req/s':>9} {'ratio':>6} {'CPU us/req':>11} {'added us':>9}")
-    for r in rows:
-        print(
-            f"{r['mode']:6} {r['rps']:9.0f} {r['throughput_ratio']:6.3f} "
-            f"{r['cpu_us_per_call']:11.1f} {r['added_cpu_us']:9.1f}"
-        )
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    wanted = [c.strip() for c in args.calls.split(",") if c.strip()]
+    if set(modes) - set(MODES) or set(wanted) - set(CALLS):
+        parser.error(f"modes are {list(MODES)}, calls are {list(CALLS)}")
+    if modes[0] != "off":
+        parser.error("the first mode is the baseline and must be 'off'")
+    calls = {c: {"server_live": args.live_calls, "ocr": args.ocr_calls}[c] for c in wanted}
+    concurrency = {"server_live": args.live_concurrency, "ocr": args.ocr_concurrency}
+    rows, info = run(args.rounds, calls, concurrency, modes)
+    text = render(rows, info, args)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Tracer
 
 __all__ = ["Telemetry", "TelemetryConfig", "setup_telemetry"]
@@ -224,8 +225,14 @@ class Telemetry:
         tracer_provider: TracerProvider,
         meter_provider: MeterProvider,
         prometheus_registry: Any | None,
+        metric_readers: Sequence[MetricReader] = (),
     ) -> None:
         self.config = cfg
+        # Every reader of meter_provider and the scope of ``meter``: the metering core
+        # aggregates its hottest histogram itself and hands it to these readers.
+        self.metric_readers: tuple[MetricReader, ...] = tuple(metric_readers)
+        self.resource: Resource = tracer_provider.resource
+        self.scope = InstrumentationScope(INSTRUMENTATION_SCOPE, cfg.service_version)
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
         self.tracer: Tracer = tracer_provider.get_tracer(INSTRUMENTATION_SCOPE, cfg.service_version)
@@ -353,4 +360,4 @@ def setup_telemetry(
         registry = CollectorRegistry(auto_describe=True)
         readers.append(_latest_only(PrometheusMetricReader)(registry=registry))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-    return Telemetry(cfg, tracer_provider, meter_provider, registry)
+    return Telemetry(cfg, tracer_provider, meter_provider, registry, readers)

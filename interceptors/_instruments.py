@@ -7,17 +7,38 @@ exporters/semconv.py. Private to interceptors/.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from exporters import semconv as sc
+from interceptors._histogram import FastHistogram, attach
+
+
+class _SdkHistogram:
+    """An SDK histogram behind :meth:`FastHistogram.record`'s signature (the fallback)."""
+
+    __slots__ = ("_histogram",)
+
+    def __init__(self, histogram: Any) -> None:
+        self._histogram = histogram
+
+    def record(self, value: float, key: Hashable,
+               attributes: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+        self._histogram.record(value, dict(attributes))
 
 
 class Instruments:
-    """Every metric the core records, created from one injected meter."""
+    """Every metric the core records, created from one injected meter.
 
-    def __init__(self, meter: Meter) -> None:
+    With ``telemetry`` given, the transport-duration histograms (recorded on every call)
+    are :class:`interceptors._histogram.FastHistogram` exported through its readers;
+    otherwise, or when a reader wants delta histograms, they are SDK histograms.
+    Either way ``rpc_duration`` / ``http_duration`` take ``record(value, key, attributes)``.
+    """
+
+    def __init__(self, meter: Meter, telemetry: Any | None = None) -> None:
         self.tokens = PreAggregatedCounter(
             meter, sc.METRIC_TOKENS, TOKEN_KEYS, unit="{token}",
             description="Billable tokens, by type",
@@ -44,18 +65,26 @@ class Instruments:
             description="Response body bytes as they crossed the wire",
             explicit_bucket_boundaries_advisory=sc.SIZE_BUCKETS,
         )
-        self.rpc_duration = meter.create_histogram(
-            sc.METRIC_RPC_SERVER_CALL_DURATION,
-            unit="s",
-            description="gRPC server call duration",
-            explicit_bucket_boundaries_advisory=sc.TRANSPORT_DURATION_BUCKETS,
+        durations = (
+            (sc.METRIC_RPC_SERVER_CALL_DURATION, "gRPC server call duration"),
+            (sc.METRIC_HTTP_SERVER_REQUEST_DURATION, "HTTP server request duration"),
         )
-        self.http_duration = meter.create_histogram(
-            sc.METRIC_HTTP_SERVER_REQUEST_DURATION,
-            unit="s",
-            description="HTTP server request duration",
-            explicit_bucket_boundaries_advisory=sc.TRANSPORT_DURATION_BUCKETS,
-        )
+        fast = [
+            FastHistogram(name, unit="s", description=description,
+                          boundaries=sc.TRANSPORT_DURATION_BUCKETS)
+            for name, description in durations
+        ]
+        if telemetry is not None and attach(
+            telemetry.metric_readers, fast, telemetry.resource, telemetry.scope
+        ):
+            self.rpc_duration, self.http_duration = fast
+        else:
+            self.rpc_duration, self.http_duration = (
+                _SdkHistogram(meter.create_histogram(
+                    name, unit="s", description=description,
+                    explicit_bucket_boundaries_advisory=sc.TRANSPORT_DURATION_BUCKETS))
+                for name, description in durations
+            )
         self.meter_errors = meter.create_counter(
             sc.METRIC_METER_ERRORS,
             unit="{error}",

@@ -282,8 +282,10 @@ class MeteredCall:
             ins.request_size.record(request_bytes, metric_attrs)
             ins.response_size.record(response_bytes, metric_attrs)
         duration = ins.rpc_duration if self.protocol == "grpc" else ins.http_duration
-        duration.record(duration_s, {k: v for k, v in transport_attrs.items()
-                                     if k not in _NON_METRIC_TRANSPORT_ATTRS})
+        # The label items double as the series key: no attribute dict per call.
+        labels = tuple(item for item in transport_attrs.items()
+                       if item[0] not in _NON_METRIC_TRANSPORT_ATTRS)
+        duration.record(duration_s, labels, labels)
 
 
 _ABSENT = object()

@@ -27,6 +27,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -43,6 +44,7 @@ __all__ = ["LEDGER_FAILURE_MESSAGE", "MeteredCall", "MeteringCore", "default_ten
 log = logging.getLogger(__name__)
 
 _TRACECONTEXT = TraceContextTextMapPropagator()
+_NO_PARENT = Context()
 _BAGGAGE = W3CBaggagePropagator()
 _TENANT = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 _CORE_OPTIONS = ("enabled", "record_content", "max_tenants_in_metrics")
@@ -89,7 +91,7 @@ class MeteringCore:
         if enabled:
             assert telemetry is not None
             self.tracer = telemetry.tracer
-            self.instruments = Instruments(telemetry.meter)
+            self.instruments = Instruments(telemetry.meter, telemetry)
             usage_mod.set_stage_factory(self._stage)
 
     @classmethod
@@ -142,7 +144,8 @@ class MeteringCore:
         ``carrier`` is the request's headers/metadata with lower-case keys. Never raises
         for bad input: a malformed traceparent starts a new trace, a bad id is replaced.
         """
-        parent = _TRACECONTEXT.extract(carrier)
+        # No traceparent: a new trace (an explicit empty context, never the ambient one).
+        parent = _TRACECONTEXT.extract(carrier) if "traceparent" in carrier else _NO_PARENT
         if "baggage" in carrier:
             parent = _BAGGAGE.extract(carrier, parent)
         span = self.tracer.start_span(

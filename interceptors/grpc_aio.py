@@ -202,7 +202,8 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
             await call.finish(
                 ok=code == grpc.StatusCode.OK, status=code.name, error_message=details,
                 request_bytes=request_bytes, response_bytes=response_bytes,
-                transport_attributes={**attrs, sc.RPC_GRPC_STATUS_CODE: code.value[0]},
+                transport_attributes=(attrs if sc.RPC_GRPC_STATUS_CODE in attrs
+                                      else {**attrs, sc.RPC_GRPC_STATUS_CODE: code.value[0]}),
             )
         except LedgerWriteError:
             written = False
@@ -229,6 +230,9 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
         attrs: dict[str, Any], serialize: Callable[[Any], bytes],
     ) -> Callable[..., Awaitable[Any]]:
         sizes = self._sizes
+        is_async = inspect.iscoroutinefunction(behavior)  # once per method, not per call
+        # Transport attributes per status code, built once each.
+        by_code: dict[grpc.StatusCode, dict[str, Any]] = {}
 
         async def metered_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             request_bytes = sizes.pop(id(request), 0)
@@ -241,7 +245,7 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
             response, payload, error, aborted = None, None, None, False
             try:
                 with call.activate():
-                    if inspect.iscoroutinefunction(behavior):
+                    if is_async:
                         response = await behavior(request, ctx)
                     else:  # a sync handler: keep it off the event loop
                         response = await asyncio.to_thread(behavior, request, ctx)
@@ -257,8 +261,11 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
                 code, error = grpc.StatusCode.UNKNOWN, exc
                 ctx.details = f"Unexpected {type(exc).__name__}"
                 call.span.record_exception(exc)
+            final_attrs = by_code.get(code)
+            if final_attrs is None:
+                final_attrs = by_code[code] = {**attrs, sc.RPC_GRPC_STATUS_CODE: code.value[0]}
             written, trailers = await self._finish(
-                call, ctx, attrs, code, ctx.details, request_bytes,
+                call, ctx, final_attrs, code, ctx.details, request_bytes,
                 len(payload) if payload is not None else 0,
             )
             if not written:
