@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from typing import Any
 
-from serving.app import PaddleMeterServer
+from serving.app import PaddleMeterServer, serve_forever
 from serving.config import load_config
 from serving.logs import setup_logging
 
@@ -56,17 +55,6 @@ class StockOtelServer(PaddleMeterServer):
         await asyncio.to_thread(self.stock_provider.shutdown)
 
 
-async def _run(config: dict[str, Any]) -> None:
-    server = StockOtelServer(config)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    await stop.wait()
-    await server.stop()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
@@ -75,7 +63,7 @@ def main() -> None:
     if int(config["server"]["workers"]) != 1:
         parser.error("the stock-OTel bench launcher runs one worker only")
     setup_logging(config["logging"]["level"], config["logging"]["format"])
-    asyncio.run(_run(config))
+    serve_forever(config, StockOtelServer)
 
 
 if __name__ == "__main__":

@@ -170,8 +170,7 @@ class PaddleMeterServer:
         await self._stopped.wait()
 
 
-async def _run(config: Mapping[str, Any]) -> None:
-    server = PaddleMeterServer(config)
+async def _run(server: PaddleMeterServer) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -181,6 +180,10 @@ async def _run(config: Mapping[str, Any]) -> None:
     await server.stop()
 
 
-def serve_forever(config: Mapping[str, Any]) -> None:
-    """Run one serving process until SIGTERM/SIGINT; returns after a clean shutdown."""
-    asyncio.run(_run(config))
+def serve_forever(
+    config: Mapping[str, Any], server_class: type[PaddleMeterServer] = PaddleMeterServer
+) -> None:
+    """Run one serving process until SIGTERM/SIGINT; returns after a clean shutdown.
+
+    ``server_class`` lets a benchmark run a variant (bench/serve_stock_otel.py)."""
+    asyncio.run(_run(server_class(config)))
