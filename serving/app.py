@@ -126,7 +126,8 @@ class PaddleMeterServer:
     async def _start_http(self) -> None:
         assert self.metering is not None
         app = build_http_app(self.models, extra_routers=self.metering.http_routers)
-        asgi = BodyLimit(self.metering.wrap_asgi(app), self._max_bytes)
+        # Inside metering, so an oversized request still gets its (error) span.
+        asgi = self.metering.wrap_asgi(BodyLimit(app, self._max_bytes))
         sock = _listen_socket(self._host_addr, self.http_port, self._reuse_port)
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(
