@@ -40,7 +40,11 @@ Contract with the frontends (serving/):
   "usage could not be recorded; retry with the same x-request-id". Any other failure
   inside metering is logged, counted in ``paddle_meter.meter_errors``, and ignored.
 - Back to the caller: gRPC trailing metadata / HTTP response headers ``x-request-id``,
-  ``x-usage-input-tokens``, ``x-usage-output-tokens`` (billed counts: 0 on errors).
+  ``x-usage-input-tokens``, ``x-usage-output-tokens`` (billed counts: 0 on errors) on
+  every model call (billable, or any call that reported tokens). Other calls (health,
+  metadata, ServerLive, reflection) carry no usage: they get ``x-request-id`` only when
+  the request carried an id (header or protocol id), echoed, and no usage headers;
+  their span still records a request id (generated when none was carried).
 - Span status is ERROR for every non-OK gRPC code and every HTTP status >= 400 (a bad
   request is a failed, unbilled call), and for a non-empty ``app_status``.
 - ``metering.enabled: false`` (``MeteringCore(None, enabled=False)``): transports pass straight

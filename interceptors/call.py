@@ -118,7 +118,16 @@ class MeteredCall:
         return self.usage.model is not None and op not in sc.NON_BILLABLE_OPERATIONS
 
     def response_metadata(self) -> list[tuple[str, str]]:
-        """``x-request-id`` and the billed token counts, for trailers / response headers."""
+        """``x-request-id`` and the billed token counts, for trailers / response headers.
+
+        A call that is neither billable nor carries usage (health, metadata, ServerLive)
+        gets only the echo of an id the request carried, or nothing: zero-token trailers
+        and a random id tell the caller nothing and cost gRPC metadata work per call.
+        """
+        usage = self.usage
+        if not (self.billable() or usage.input_tokens or usage.output_tokens):
+            carried = self._header_id is not None or usage.request_id is not None
+            return [(sc.HEADER_REQUEST_ID, self.request_id)] if carried else []
         ok = self._ok  # only a successful, finished call reports billed tokens
         return [
             (sc.HEADER_REQUEST_ID, self.request_id),

@@ -208,7 +208,8 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
         except LedgerWriteError:
             written = False
         trailers = ctx.trailing + tuple(call.response_metadata())
-        ctx._context.set_trailing_metadata(trailers)
+        if trailers:  # nothing to send for most non-model calls: skip grpc's metadata work
+            ctx._context.set_trailing_metadata(trailers)
         return written, trailers
 
     async def _cancelled(
