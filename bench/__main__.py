@@ -20,9 +20,10 @@ BENCHES = {
     "ocr_served": ["bench/bench_ocr_served.py", "--seconds", "10", "--rounds", "3"],
     "metering": ["bench/bench_metering.py"],
     "tokenizer": ["bench/bench_tokenizer.py"],
+    "ernie": ["bench/bench_ernie.py"],
     "ledger": ["bench/bench_ledger.py"],
 }
-ORDER = ["ocr_inprocess", "ocr_served", "metering", "tokenizer", "ledger"]
+ORDER = ["ocr_inprocess", "ocr_served", "metering", "tokenizer", "ernie", "ledger"]
 
 
 def collect() -> Path:
