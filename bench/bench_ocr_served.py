@@ -62,7 +62,7 @@ def main() -> None:
 
     items = list(CORPUS)
     images = [item.data for item in items]
-    one_worker = {"pool_size": 2, "cpu_threads": 1}
+    one_worker = {"pool_size": 1, "cpu_threads": 2}  # the embedded default on 2 cores
     per_worker = {"pool_size": 1, "cpu_threads": 1}
     labels = {
         "a": f"(a) OcrAdapter in-process, {one_worker}",
