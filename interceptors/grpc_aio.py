@@ -269,13 +269,7 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
                 call, ctx, final_attrs, code, ctx.details, request_bytes,
                 len(payload) if payload is not None else 0,
             )
-            if not written:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, LEDGER_FAILURE_MESSAGE,
-                                    trailers)
-            if error is not None:
-                raise error
-            if aborted:
-                await context.abort(code, ctx.details or "", trailers)
+            await _conclude(context, written, trailers, error, aborted, code, ctx.details)
             return _Serialized(payload) if payload is not None else response
 
         return metered_unary
@@ -322,15 +316,22 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
             written, trailers = await self._finish(
                 call, ctx, attrs, code, ctx.details, request_bytes, response_bytes
             )
-            if not written:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, LEDGER_FAILURE_MESSAGE,
-                                    trailers)
-            if error is not None:
-                raise error
-            if aborted:
-                await context.abort(code, ctx.details or "", trailers)
+            await _conclude(context, written, trailers, error, aborted, code, ctx.details)
 
         return metered_stream
+
+
+async def _conclude(
+    context: grpc.aio.ServicerContext, written: bool, trailers: Any, error: BaseException | None,
+    aborted: bool, code: grpc.StatusCode, details: str | None,
+) -> None:
+    """After metering finished: fail an unrecorded call, re-raise, or re-abort as the handler did."""
+    if not written:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, LEDGER_FAILURE_MESSAGE, trailers)
+    if error is not None:
+        raise error
+    if aborted:
+        await context.abort(code, details or "", trailers)
 
 
 def _identity(data: Any) -> Any:
