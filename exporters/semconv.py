@@ -1,6 +1,6 @@
 """Every span attribute, metric name and bucket layout paddle-meter emits, in one place.
 
-Names follow ../shared/DESIGN.md (``gen_ai.*``, ``paddle_meter.*``) plus the standard
+Names follow docs/design.md (``gen_ai.*``, ``paddle_meter.*``) plus the standard
 OpenTelemetry RPC / HTTP semantic-convention names the transports use. Code that emits
 telemetry imports from here and never spells a name inline, so a rename is one edit.
 """
@@ -61,11 +61,15 @@ METRIC_HTTP_SERVER_REQUEST_DURATION: Final = "http.server.request.duration"  # s
 METRIC_METER_ERRORS: Final = "paddle_meter.meter_errors"  # {error}
 
 # --- model stage span names ------------------------------------------------------------
-STAGE_OCR_DET: Final = "ocr.det"
-STAGE_OCR_CLS: Final = "ocr.cls"
-STAGE_OCR_REC: Final = "ocr.rec"
-STAGE_ERNIE_TOKENIZE: Final = "ernie.tokenize"
-STAGE_ERNIE_INFER: Final = "ernie.infer"
+# Defined beside the adapters (which never import exporters); re-exported so every name
+# paddle-meter emits is findable here.
+from models.stages import (  # noqa: E402, F401 (re-exported)
+    STAGE_ERNIE_INFER,
+    STAGE_ERNIE_TOKENIZE,
+    STAGE_OCR_CLS,
+    STAGE_OCR_DET,
+    STAGE_OCR_REC,
+)
 
 # --- usage sent back to the caller (gRPC trailing metadata / HTTP response headers) -----
 HEADER_REQUEST_ID: Final = "x-request-id"

@@ -208,7 +208,9 @@ class PredictorPool:
     Each predictor is created and run on its own thread (see :class:`_PredictorThread`);
     ``borrow()`` blocks until one is free and yields a :class:`PredictorLease`; ``run()``
     borrows, feeds the inputs in the model's input order and returns the outputs in its
-    output order. Construction loads the model ``size`` times, in parallel. Blocks.
+    output order. Construction loads the model ``size`` times, one predictor after the
+    other (each created on the thread that will run it), so ``size`` runs can then proceed
+    in parallel. Blocks until every predictor is loaded; re-raises the first load error.
     """
 
     def __init__(

@@ -7,14 +7,11 @@ request that fails to decode is recorded against the model it asked for.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from models.base import ModelError
 from models.usage import current_usage
 from serving.codecs.base import Codec, digest
-from serving.errors import ServingError
 from serving.model_host import ModelHost, ServedModel
 
 __all__ = ["run_model", "tokenize"]
@@ -54,24 +51,12 @@ async def tokenize(host: ModelHost, name: str, text: Any, text_pair: Any = None)
     if usage is not None:
         usage.model, usage.operation = name, "tokenize"
     served = host.get(name)
-    encode = getattr(served.adapter, "encode", None)
-    if encode is None:
-        raise ServingError(
-            "invalid_argument", f"model {name!r} is a {served.kind} model without a tokenizer"
-        )
-    from models.ernie.adapter import ErnieInput
-
-    if not isinstance(text, str) or (text_pair is not None and not isinstance(text_pair, str)):
-        raise ServingError("invalid_argument", "'text' (and 'text_pair' if given) must be strings")
-    try:
-        encoding = await asyncio.to_thread(encode, ErnieInput(text, text_pair))
-    except ModelError as exc:
-        raise ServingError(exc.kind, str(exc)) from None
+    counted = await served.count_tokens(text, text_pair)
     return {
         "model": name,
-        "input_ids": list(encoding.input_ids),
-        "token_type_ids": list(encoding.token_type_ids),
-        "count": len(encoding.input_ids),
-        "truncated": bool(encoding.truncated),
-        "max_seq_len": getattr(served.adapter, "max_seq_len", None),
+        "input_ids": counted.input_ids,
+        "token_type_ids": counted.token_type_ids,
+        "count": counted.count,
+        "truncated": counted.truncated,
+        "max_seq_len": counted.max_seq_len,
     }

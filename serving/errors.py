@@ -7,11 +7,20 @@ adapter); the protocol layer turns it into a gRPC status, an HTTP status with OI
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 
 from models.base import ModelError
 
-__all__ = ["ServingError", "as_serving_error", "grpc_code", "http_status", "pipeline_err_no"]
+__all__ = [
+    "ServingError",
+    "as_serving_error",
+    "grpc_code",
+    "http_status",
+    "pipeline_err_no",
+    "unknown_model",
+]
 
 
 class ServingError(Exception):
@@ -51,6 +60,16 @@ _PIPELINE = {
     "unimplemented": 3000,  # NOT_IMPLEMENTED
     "internal": 10000,  # UNKNOW
 }
+
+
+def unknown_model(name: str, served_names: Iterable[str]) -> ServingError:
+    """The one error for a request naming a model this server does not serve, on every
+    surface. It starts with Paddle Serving's own words for the pipeline case ("Service name
+    error"), then names the model and what is served instead; kind ``not_found``."""
+    served = ", ".join(served_names) or "none"
+    return ServingError(
+        "not_found", f"Service name error: unknown model {name!r}; this server serves: {served}"
+    )
 
 
 def as_serving_error(exc: BaseException) -> ServingError:

@@ -10,18 +10,18 @@ Metering wraps this app from outside (interceptors/asgi.py); nothing here knows 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from serving.dispatch import run_model, tokenize
+from serving import oip
+from serving.dispatch import tokenize
 from serving.errors import ServingError, as_serving_error, http_status, pipeline_err_no
 from serving.model_host import ModelHost
-from serving.oip_grpc import _VERSION
-from serving.oip_tensors import decode_raw, encode_raw, from_json_data, to_json_data
-from serving.pipeline import handle_pipeline, pipeline_failure, pipeline_fields
+from serving.pipeline import answer_pipeline
+from serving.version import SERVER_NAME, SERVER_VERSION
 
 __all__ = ["BodyLimit", "build_http_app"]
 
@@ -60,8 +60,9 @@ def _parse_oip_body(body: bytes, header_length: str | None) -> tuple[dict[str, A
     return document, binary
 
 
-def _decode_oip_inputs(document: dict[str, Any], binary: bytes) -> dict[str, Any]:
-    decoded: dict[str, Any] = {}
+def _read_inputs(document: dict[str, Any], binary: bytes) -> Iterator[oip.Tensor]:
+    """The request's inputs, JSON data or binary-data chunks; a generator, so it checks when
+    iterated (after the model is looked up)."""
     offset = 0
     for tensor in document["inputs"]:
         if not isinstance(tensor, dict) or not {"name", "datatype", "shape"} <= set(tensor):
@@ -79,44 +80,47 @@ def _decode_oip_inputs(document: dict[str, Any], binary: bytes) -> dict[str, Any
                 raise ServingError(
                     "invalid_argument", f"input {name!r}: binary data shorter than declared"
                 )
-            decoded[name] = decode_raw(name, datatype, shape, binary[offset : offset + int(size)])
+            chunk = binary[offset : offset + int(size)]
             offset += int(size)
+            yield oip.Tensor(name, datatype, shape, raw=chunk)
         elif "data" in tensor:
-            decoded[name] = from_json_data(name, datatype, shape, tensor["data"])
+            yield oip.Tensor(name, datatype, shape, data=tensor["data"])
         else:
             raise ServingError(
                 "invalid_argument", f"input {name!r} has neither 'data' nor binary data"
             )
-    return decoded
 
 
-def _oip_response(document: dict[str, Any], served: Any, results: list[Any]) -> Response:
-    params = document.get("parameters") or {}
-    requested = {o.get("name"): (o.get("parameters") or {}) for o in document.get("outputs") or []}
-    binary_default = bool(params.get("binary_data_output", False))
+def _requested_outputs(document: dict[str, Any]) -> list[oip.RequestedOutput]:
+    requested = []
+    for output in document.get("outputs") or []:
+        params = output.get("parameters") or {}
+        binary = bool(params["binary_data"]) if "binary_data" in params else None
+        requested.append(oip.RequestedOutput(output.get("name"), binary))
+    return requested
+
+
+def _oip_response(result: oip.InferResult, request_id: Any) -> Response:
     outputs, chunks = [], []
-    for output in served.codec.to_oip(results):
-        if requested and output.name not in requested:
-            continue
+    for output in result.outputs:
         entry: dict[str, Any] = {
             "name": output.name,
             "datatype": output.datatype,
-            "shape": list(output.array.shape),
+            "shape": output.shape,
         }
-        if requested.get(output.name, {}).get("binary_data", binary_default):
-            raw = encode_raw(output.datatype, output.array)
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
+        if output.raw is not None:
+            entry["parameters"] = {"binary_data_size": len(output.raw)}
+            chunks.append(output.raw)
         else:
-            entry["data"] = to_json_data(output.datatype, output.array)
+            entry["data"] = output.data
         outputs.append(entry)
     body: dict[str, Any] = {
-        "model_name": served.name,
-        "model_version": served.version,
+        "model_name": result.model_name,
+        "model_version": result.model_version,
         "outputs": outputs,
     }
-    if document.get("id"):
-        body["id"] = document["id"]
+    if request_id:
+        body["id"] = request_id
     header = json.dumps(body, ensure_ascii=False).encode("utf-8")
     if not chunks:
         return Response(header, media_type="application/json")
@@ -141,34 +145,24 @@ def _oip_router(host: ModelHost) -> APIRouter:
 
     @router.get("/v2")
     async def server_metadata() -> dict[str, Any]:
-        return {"name": "paddle-meter", "version": _VERSION, "extensions": ["binary_tensor_data"]}
+        return oip.server_metadata()
 
     @router.get("/v2/models/{name}")
     @router.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None) -> Response:
         try:
-            model = host.get(name)
+            return JSONResponse(oip.model_metadata(host, name))
         except ServingError as exc:
             return _error(exc)
-        return JSONResponse(
-            {
-                "name": model.name,
-                "versions": [model.version],
-                "platform": "paddle_inference",
-                "inputs": model.codec.oip_inputs(),
-                "outputs": model.codec.oip_outputs(),
-            }
-        )
 
     @router.get("/v2/models/{name}/ready")
     @router.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> Response:
         try:
-            model = host.get(name)
+            ready = oip.model_ready(host, name)
         except ServingError as exc:
             return _error(exc)
-        ok = model.adapter.is_ready()
-        return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
+        return JSONResponse(ready, status_code=200 if ready["ready"] else 503)
 
     @router.post("/v2/models/{name}/infer")
     @router.post("/v2/models/{name}/versions/{version}/infer")
@@ -178,15 +172,18 @@ def _oip_router(host: ModelHost) -> APIRouter:
                 await request.body(), request.headers.get(_HEADER_LENGTH)
             )
             request_id = document.get("id")
-            served, results = await run_model(
+            params = document.get("parameters") or {}
+            result = await oip.infer(
                 host,
                 name,
-                lambda codec: codec.from_oip(_decode_oip_inputs(document, binary)),
+                _read_inputs(document, binary),
+                outputs=_requested_outputs(document),
+                binary_default=bool(params.get("binary_data_output", False)),
                 request_id=str(request_id) if request_id else None,
             )
-            return _oip_response(document, served, results)
         except Exception as exc:
             return _error(exc)
+        return _oip_response(result, request_id)
 
     return router
 
@@ -239,12 +236,9 @@ def _pipeline_router(host: ModelHost) -> APIRouter:
             return JSONResponse(
                 {"err_no": pipeline_err_no("invalid_argument"), "err_msg": message}, status_code=400
             )
-        try:
-            fields = pipeline_fields(document.get("key") or [], document.get("value") or [])
-        except ServingError as exc:
-            reply = pipeline_failure(exc, name)
-            return JSONResponse({"err_no": reply.err_no, "err_msg": reply.err_msg})
-        reply = await handle_pipeline(host, name, fields, logid, method)
+        reply = await answer_pipeline(
+            host, name, method, document.get("key") or [], document.get("value") or [], (), logid
+        )
         return JSONResponse(
             {
                 "err_no": reply.err_no,
@@ -323,7 +317,7 @@ class _TooLarge(Exception):
 def build_http_app(host: ModelHost, *, extra_routers: list[APIRouter] = ()) -> FastAPI:
     """The FastAPI app; ``extra_routers`` (metrics, usage, tokenize) go before the pipeline's
     catch-all ``/{name}/{method}`` so it cannot shadow them."""
-    app = FastAPI(title="paddle-meter", version=_VERSION, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title=SERVER_NAME, version=SERVER_VERSION, docs_url="/docs", redoc_url=None)
     app.include_router(_oip_router(host))
     app.include_router(_tokenize_router(host))
     for router in extra_routers:

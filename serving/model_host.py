@@ -2,7 +2,10 @@
 
 Adapters block (they run Paddle), so :meth:`ServedModel.run` moves inference onto a bounded
 thread pool, carrying the request's context (its usage object and span) into the thread,
-and enforces the per-request timeout. Adapter kinds come from an explicit registry.
+and enforces the per-request timeout. Adapters that schedule their own work
+(``uses_infer_async``) get the same pool through ``bind_executor``. Only what
+:class:`models.base.ModelAdapter` declares is called; adapter kinds come from an explicit
+registry, the one place here that names models.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from models.base import ModelAdapter, ModelError
+from models.base import ModelAdapter, ModelError, TokenCount
 from serving.codecs import Codec, codec_for_kind
 from serving.errors import ServingError
 
@@ -68,9 +71,11 @@ class ServedModel:
 
     async def run(self, batch: Sequence[Any]) -> list[Any]:
         """Infer a batch off the event loop; raise the first item's error as ServingError."""
-        infer_async = getattr(self.adapter, "infer_async", None)
-        if infer_async is not None:  # adapters with their own dynamic batching
-            work = asyncio.gather(*(infer_async(item) for item in batch), return_exceptions=True)
+        adapter = self.adapter
+        if adapter.uses_infer_async:  # adapters with their own dynamic batching
+            work = asyncio.gather(
+                *(adapter.infer_async(item) for item in batch), return_exceptions=True
+            )
         else:
             loop = asyncio.get_running_loop()
             ctx = contextvars.copy_context()
@@ -91,6 +96,18 @@ class ServedModel:
                 raise result
         return list(results)
 
+    async def count_tokens(self, text: Any, text_pair: Any = None) -> TokenCount:
+        """Tokenize on the pool without inference; ServingError for a model without a
+        tokenizer or unusable text (the adapter's ModelError, kind and message kept)."""
+        loop = asyncio.get_running_loop()
+        ctx = contextvars.copy_context()
+        try:
+            return await loop.run_in_executor(
+                self._executor, ctx.run, self.adapter.count_tokens, text, text_pair
+            )
+        except ModelError as exc:
+            raise ServingError(exc.kind, str(exc)) from None
+
 
 class ModelHost:
     """All models of this process, by name. ``load`` blocks; call it before serving."""
@@ -108,6 +125,7 @@ class ModelHost:
         for name, spec in self._config.items():
             kind = spec["kind"]
             adapter = _adapter_class(kind)(name, spec.get("options") or {})
+            adapter.bind_executor(self._executor)
             log.info("loading model", extra={"model": name, "kind": kind})
             adapter.load()
             self._models[name] = ServedModel(
@@ -133,7 +151,32 @@ class ModelHost:
     def all_ready(self) -> bool:
         return bool(self._models) and all(m.adapter.is_ready() for m in self._models.values())
 
+    async def aclose(self, timeout_s: float | None = None) -> None:
+        """Drain every adapter (``aclose``: queued batches run), then :meth:`close`.
+
+        Awaited once the frontends stopped taking requests; idempotent. A drain that takes
+        longer than ``timeout_s`` is logged and abandoned: closing goes on regardless.
+        """
+        models = list(self._models.values())
+        drains = [asyncio.ensure_future(m.adapter.aclose()) for m in models]
+        if drains:
+            _, pending = await asyncio.wait(drains, timeout=timeout_s)
+            for model, drain in zip(models, drains, strict=True):
+                if drain in pending:
+                    drain.cancel()
+                    log.warning("draining model timed out", extra={"model": model.name})
+                elif drain.exception() is not None:
+                    log.error(
+                        "draining model failed",
+                        exc_info=drain.exception(),
+                        extra={"model": model.name},
+                    )
+        await asyncio.to_thread(self.close)
+
     def close(self) -> None:
+        """Close every adapter and shut the inference pool down; idempotent. Blocks.
+
+        Adapters with queued async work should be drained first (:meth:`aclose`)."""
         for model in self._models.values():
             try:
                 model.adapter.close()

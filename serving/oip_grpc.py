@@ -2,50 +2,42 @@
 
 Built on the servicer base class generated inside the ``tritonclient`` package, so the
 service name, method names and messages are the ones the real ``tritonclient.grpc`` speaks.
-Methods beyond the OIP core (repository, shared memory, trace...) answer UNIMPLEMENTED.
+This is the transport only: it reads protobuf messages into the neutral tensors of
+serving/oip.py, frames the translator's answers, and turns a ServingError into a gRPC
+status. Methods beyond the OIP core (repository, shared memory, trace...) answer
+UNIMPLEMENTED.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from collections.abc import Iterator
 
 import grpc
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from serving.dispatch import run_model
-from serving.errors import ServingError, as_serving_error, grpc_code
+from serving import oip
+from serving.errors import ServingError, grpc_code
 from serving.model_host import ModelHost
-from serving.oip_tensors import (
-    CONTENTS_FIELD,
-    bytes_tensor,
-    decode_raw,
-    encode_raw,
-    from_json_data,
-)
+from serving.oip_tensors import CONTENTS_FIELD
 
 __all__ = ["OipGrpcService", "SERVICE_NAME"]
 
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
-try:
-    _VERSION = version("paddle-meter")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    _VERSION = "0"
 
-
-def _decode_inputs(request: service_pb2.ModelInferRequest) -> dict[str, Any]:
+def _read_inputs(request: service_pb2.ModelInferRequest) -> Iterator[oip.Tensor]:
+    """The request's inputs, raw or typed contents; a generator, so it checks when iterated."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise ServingError(
             "invalid_argument",
             f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents; send one per input",
         )
-    decoded: dict[str, Any] = {}
     for index, tensor in enumerate(request.inputs):
         shape = list(tensor.shape)
         if raw:
-            decoded[tensor.name] = decode_raw(tensor.name, tensor.datatype, shape, raw[index])
+            yield oip.Tensor(tensor.name, tensor.datatype, shape, raw=raw[index])
             continue
         field = CONTENTS_FIELD.get(tensor.datatype)
         if field is None:
@@ -54,19 +46,14 @@ def _decode_inputs(request: service_pb2.ModelInferRequest) -> dict[str, Any]:
                 f"input {tensor.name!r}: datatype {tensor.datatype!r} needs raw_input_contents",
             )
         values = list(getattr(tensor.contents, field))
-        if tensor.datatype == "BYTES":
-            decoded[tensor.name] = bytes_tensor(tensor.name, values, shape)
-        else:
-            decoded[tensor.name] = from_json_data(tensor.name, tensor.datatype, shape, values)
-    return decoded
+        yield oip.Tensor(tensor.name, tensor.datatype, shape, data=values)
 
 
 class OipGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, host: ModelHost) -> None:
         self._host = host
 
-    async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        error = as_serving_error(exc)
+    async def _fail(self, context: grpc.aio.ServicerContext, error: ServingError) -> None:
         await context.abort(grpc_code(error.kind), error.message)
 
     async def ServerLive(self, request, context):  # noqa: N802 (OIP method names)
@@ -77,50 +64,37 @@ class OipGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):  # noqa: N802
         try:
-            model = self._host.get(request.name)
+            ready = oip.model_ready(self._host, request.name)
         except ServingError as exc:
             await self._fail(context, exc)
-        return service_pb2.ModelReadyResponse(ready=model.adapter.is_ready())
+        return service_pb2.ModelReadyResponse(ready=ready["ready"])
 
     async def ServerMetadata(self, request, context):  # noqa: N802
-        return service_pb2.ServerMetadataResponse(
-            name="paddle-meter", version=_VERSION, extensions=["binary_tensor_data"]
-        )
+        return json_format.ParseDict(oip.server_metadata(), service_pb2.ServerMetadataResponse())
 
     async def ModelMetadata(self, request, context):  # noqa: N802
         try:
-            model = self._host.get(request.name)
+            meta = oip.model_metadata(self._host, request.name)
         except ServingError as exc:
             await self._fail(context, exc)
-        tensor = service_pb2.ModelMetadataResponse.TensorMetadata
-        return service_pb2.ModelMetadataResponse(
-            name=model.name,
-            versions=[model.version],
-            platform="paddle_inference",
-            inputs=[tensor(**t) for t in model.codec.oip_inputs()],
-            outputs=[tensor(**t) for t in model.codec.oip_outputs()],
-        )
+        return json_format.ParseDict(meta, service_pb2.ModelMetadataResponse())
 
     async def ModelInfer(self, request, context):  # noqa: N802
         try:
-            served, results = await run_model(
+            result = await oip.infer(
                 self._host,
                 request.model_name,
-                lambda codec: codec.from_oip(_decode_inputs(request)),
+                _read_inputs(request),
+                outputs=[oip.RequestedOutput(o.name) for o in request.outputs],
+                binary_default=True,  # gRPC sends every output as raw_output_contents
                 request_id=request.id or None,
             )
-            outputs = served.codec.to_oip(results)
-        except Exception as exc:
+        except ServingError as exc:
             await self._fail(context, exc)
-        wanted = {o.name for o in request.outputs}
         response = service_pb2.ModelInferResponse(
-            model_name=served.name, model_version=served.version, id=request.id
+            model_name=result.model_name, model_version=result.model_version, id=request.id
         )
-        for output in outputs:
-            if wanted and output.name not in wanted:
-                continue
-            response.outputs.add(
-                name=output.name, datatype=output.datatype, shape=output.array.shape
-            )
-            response.raw_output_contents.append(encode_raw(output.datatype, output.array))
+        for output in result.outputs:
+            response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+            response.raw_output_contents.append(output.raw)
         return response

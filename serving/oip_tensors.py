@@ -1,4 +1,4 @@
-"""Open Inference Protocol v2 tensors <-> numpy, shared by the gRPC and REST frontends.
+"""Open Inference Protocol v2 tensors <-> numpy, for the OIP translator (serving/oip.py).
 
 OIP carries a tensor as (name, datatype, shape) plus its data, which arrives in one of three
 forms: gRPC ``raw_input_contents`` (BYTES elements as 4-byte little-endian length + bytes),
@@ -146,7 +146,8 @@ def _flatten(data: Any) -> list[Any]:
 
 
 def from_json_data(name: str, datatype: str, shape: Sequence[int], data: Any) -> np.ndarray:
-    """Decode REST JSON ``data`` (nested or flat list) into numpy; BYTES stay str/bytes."""
+    """Decode REST JSON ``data`` or gRPC typed ``contents`` values (nested or flat list) into
+    numpy; BYTES elements stay str (JSON) or bytes (gRPC contents)."""
     _check_datatype(name, datatype)
     flat = _flatten(data)
     count = _element_count(name, shape)
@@ -156,7 +157,7 @@ def from_json_data(name: str, datatype: str, shape: Sequence[int], data: Any) ->
             f"input {name!r}: shape {list(shape)} needs {count} elements, got {len(flat)}",
         )
     if datatype == "BYTES":
-        if not all(isinstance(x, str) for x in flat):
+        if not all(isinstance(x, (str, bytes)) for x in flat):
             raise ServingError("invalid_argument", f"input {name!r}: BYTES data must be strings")
         return bytes_tensor(name, flat, shape)
     try:

@@ -1,9 +1,11 @@
-"""The Paddle Serving 0.9 pipeline protocol over gRPC, and the logic its HTTP form shares.
+"""The Paddle Serving 0.9 pipeline protocol, shared by its gRPC and its HTTP transport.
 
 Request.name picks the model (empty: the first configured one, as a one-service Paddle
 Serving server accepts an empty name); key/value pairs (or tensors with ``str_data`` /
-``byte_data``) carry the inputs. Failures are answered the Paddle Serving way, with gRPC OK
-and ``err_no`` / ``err_msg`` set, so its clients' error checks work unchanged.
+``byte_data``) carry the inputs. Failures are answered the Paddle Serving way, with the
+transport saying OK and ``err_no`` / ``err_msg`` set, so its clients' error checks work
+unchanged. The transports (serving/pipeline_grpc.py, serving/http_app.py) only parse their
+wire form, call :func:`answer_pipeline` and frame the :class:`PipelineReply`.
 """
 
 from __future__ import annotations
@@ -12,24 +14,15 @@ import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from models.usage import current_usage
 from serving.dispatch import run_model, tokenize
-from serving.errors import ServingError, as_serving_error, pipeline_err_no
+from serving.errors import ServingError, as_serving_error, pipeline_err_no, unknown_model
 from serving.model_host import ModelHost
-from serving.proto import pipeline_service_pb2 as pb
-from serving.proto import pipeline_service_pb2_grpc as pb_grpc
 
-__all__ = [
-    "PipelineGrpcService",
-    "PipelineReply",
-    "SERVICE_NAME",
-    "handle_pipeline",
-    "pipeline_failure",
-    "pipeline_fields",
-]
+__all__ = ["PipelineReply", "answer_pipeline"]
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PipelineService"].full_name
 log = logging.getLogger(__name__)
 
 
@@ -41,9 +34,7 @@ class PipelineReply:
     values: list[str] = dataclasses.field(default_factory=list)
 
 
-def pipeline_fields(
-    keys: Sequence[str], values: Sequence[str], tensors: Sequence[pb.Tensor] = ()
-) -> dict[str, str]:
+def _fields(keys: Sequence[Any], values: Sequence[Any], tensors: Sequence[Any]) -> dict[str, str]:
     """Pair keys with values (and tensors by name); raises ServingError on a mismatch."""
     if len(keys) != len(values):
         raise ServingError(
@@ -64,43 +55,7 @@ def pipeline_fields(
     return fields
 
 
-async def handle_pipeline(
-    host: ModelHost, name: str, fields: Mapping[str, str], logid: int, method: str = ""
-) -> PipelineReply:
-    """Run one pipeline request; never raises for a bad request, it answers err_no instead.
-
-    ``method`` ``tokenize`` counts tokens without inference (ERNIE models); any other
-    method segment runs the model, as Paddle Serving's gateway accepts any."""
-    model_name = name or host.default_name() or ""
-    try:
-        if name and name not in host.names():
-            served = ", ".join(host.names()) or "none"
-            raise ServingError(
-                "not_found",
-                f"Failed to inference: Service name error. Unknown service {name!r}; "
-                f"this server serves: {served}",
-            )
-        if method == "tokenize":
-            counted = await tokenize(host, model_name, fields.get("text"), fields.get("text_pair"))
-            keys = ["input_ids", "token_type_ids", "count", "truncated"]
-            values = [json.dumps(counted[k]) for k in keys]
-            return PipelineReply(0, "", keys, values)
-        served_model, results = await run_model(
-            host,
-            model_name,
-            lambda codec: codec.from_pipeline(fields),
-            request_id=str(logid) if logid else None,
-        )
-        out = served_model.codec.to_pipeline(results)
-        return PipelineReply(0, "", list(out), list(out.values()))
-    except Exception as exc:
-        error = as_serving_error(exc)
-        if error.kind == "internal":
-            log.exception("pipeline request failed", extra={"model": model_name})
-        return pipeline_failure(error, model_name)
-
-
-def pipeline_failure(error: ServingError, model: str | None = None) -> PipelineReply:
+def _failure(error: ServingError, model: str | None) -> PipelineReply:
     """The err_no reply for ``error``, marking the metered call failed (transport says OK)
     and recording it against ``model`` so the failed call is in the ledger, unbilled."""
     err_no = pipeline_err_no(error.kind)
@@ -111,19 +66,45 @@ def pipeline_failure(error: ServingError, model: str | None = None) -> PipelineR
     return PipelineReply(err_no, error.message)
 
 
-class PipelineGrpcService(pb_grpc.PipelineServiceServicer):
-    def __init__(self, host: ModelHost) -> None:
-        self._host = host
+async def _serve(
+    host: ModelHost, name: str, model_name: str, method: str, fields: Mapping[str, str], logid: int
+) -> PipelineReply:
+    if name and name not in host.names():
+        raise unknown_model(name, host.names())
+    if method == "tokenize":
+        counted = await tokenize(host, model_name, fields.get("text"), fields.get("text_pair"))
+        keys = ["input_ids", "token_type_ids", "count", "truncated"]
+        return PipelineReply(0, "", keys, [json.dumps(counted[k]) for k in keys])
+    served, results = await run_model(
+        host,
+        model_name,
+        lambda codec: codec.from_pipeline(fields),
+        request_id=str(logid) if logid else None,
+    )
+    out = served.codec.to_pipeline(results)
+    return PipelineReply(0, "", list(out), list(out.values()))
 
-    async def inference(self, request: pb.Request, context) -> pb.Response:
-        try:
-            fields = pipeline_fields(request.key, request.value, request.tensors)
-        except ServingError as exc:
-            reply = pipeline_failure(exc, request.name or self._host.default_name())
-            return pb.Response(err_no=reply.err_no, err_msg=reply.err_msg)
-        reply = await handle_pipeline(
-            self._host, request.name, fields, request.logid, request.method
-        )
-        return pb.Response(
-            err_no=reply.err_no, err_msg=reply.err_msg, key=reply.keys, value=reply.values
-        )
+
+async def answer_pipeline(
+    host: ModelHost,
+    name: str,
+    method: str,
+    keys: Sequence[Any],
+    values: Sequence[Any],
+    tensors: Sequence[Any] = (),
+    logid: int = 0,
+) -> PipelineReply:
+    """Answer one pipeline request; never raises for a bad request, it answers err_no instead.
+
+    ``tensors`` are pipeline Tensor messages (``name``, ``str_data``, ``byte_data``).
+    ``method`` ``tokenize`` counts tokens without inference (ERNIE models); any other method
+    segment runs the model, as Paddle Serving's gateway accepts any."""
+    model_name = name or host.default_name() or ""
+    try:
+        fields = _fields(keys, values, tensors)
+        return await _serve(host, name, model_name, method, fields, logid)
+    except Exception as exc:
+        error = as_serving_error(exc)
+        if error.kind == "internal":
+            log.exception("pipeline request failed", extra={"model": model_name})
+        return _failure(error, model_name)

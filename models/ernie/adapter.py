@@ -8,15 +8,19 @@ len(input_ids) with [CLS]/[SEP] after truncation to ``max_seq_len``, plus ``trun
 Two ways in:
 - ``infer(batch)`` (blocking, off the loop): the batch belongs to the current request,
   usage goes to the current :class:`~models.usage.RequestUsage`;
-- ``await infer_async(item)``: one request's item, grouped with other requests' items by
-  a :class:`~models.ernie.batcher.DynamicBatcher`; the request's own usage object is
+- ``await infer_async(item)`` (what the host uses: ``uses_infer_async``): one request's
+  item, grouped with other requests' items by a
+  :class:`~models.ernie.batcher.DynamicBatcher`; the request's own usage object is
   captured in its task, so a shared batch never bills the wrong request.
+
+Blocking work of ``infer_async`` (batches, long texts' tokenization) runs on the host's
+inference pool (``bind_executor``); ``aclose`` drains the batcher at shutdown.
+``count_tokens`` tokenizes without inference, for ``/v1/tokenize``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from models.base import InvalidInput, ModelAdapter, ModelError
+from models import stages as st
+from models.base import InvalidInput, ModelAdapter, ModelError, TokenCount, Unavailable
 from models.ernie.batcher import DynamicBatcher
-from models.ernie.demo import META_FILE
+from models.ernie.export_layout import read_meta
 from models.ernie.tokenizer import Encoding, ErnieTokenizerFast
 from models.paddle_runtime import PredictorPool, RuntimeOptions
 from models.usage import current_usage, report_usage, stage, trace_link
@@ -37,8 +42,17 @@ __all__ = ["ErnieAdapter", "ErnieInput", "ErnieResult"]
 TASKS = ("text_classification", "embeddings")
 _OPTIONS = frozenset(
     [
-        "model_dir", "task", "max_seq_len", "labels", "cpu_threads", "pool_size", "device",
-        "version", "max_batch_size", "max_wait_ms", "batching",
+        "model_dir",
+        "task",
+        "max_seq_len",
+        "labels",
+        "cpu_threads",
+        "pool_size",
+        "device",
+        "version",
+        "max_batch_size",
+        "max_wait_ms",
+        "batching",
     ]
 )
 _INLINE_CHARS = 20_000  # longer texts are tokenized on a thread, not on the event loop
@@ -83,6 +97,9 @@ def _int_option(options: Mapping[str, Any], key: str, default: int | None, low: 
 class ErnieAdapter(ModelAdapter):
     """ERNIE served from ``model_dir``; see the module docstring for options and usage."""
 
+    model_kind = "ernie"
+    uses_infer_async = True
+
     def __init__(self, name: str, options: Mapping[str, Any]) -> None:
         unknown = sorted(set(options) - _OPTIONS)
         if unknown:
@@ -100,8 +117,10 @@ class ErnieAdapter(ModelAdapter):
         self.pool_size = _int_option(options, "pool_size", 1, 1)
         self.max_batch_size = _int_option(options, "max_batch_size", 16, 1)
         max_wait_ms = options.get("max_wait_ms", 5)
-        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, int | float) or (
-            max_wait_ms < 0
+        if (
+            isinstance(max_wait_ms, bool)
+            or not isinstance(max_wait_ms, int | float)
+            or (max_wait_ms < 0)
         ):
             raise ValueError(f"ernie option 'max_wait_ms' must be >= 0, got {max_wait_ms!r}")
         self.max_wait_ms = float(max_wait_ms)
@@ -122,14 +141,14 @@ class ErnieAdapter(ModelAdapter):
         self._outputs: dict[str, int] = {}
         self._batcher: DynamicBatcher[_Encoded, ErnieResult | ModelError] | None = None
         self._batcher_lock = threading.Lock()
+        self._draining = False
 
     # -- lifecycle --------------------------------------------------------------------
 
     def load(self) -> None:
         """Read the tokenizer files and side files, build the predictor pool. Blocks."""
         self.tokenizer = ErnieTokenizerFast.from_dir(self.model_dir)
-        meta_path = self.model_dir / META_FILE
-        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+        meta = read_meta(self.model_dir)
         limit = meta.get("max_position_embeddings")
         if isinstance(limit, int) and self.max_seq_len > limit:
             raise ValueError(
@@ -149,11 +168,16 @@ class ErnieAdapter(ModelAdapter):
             pool.close()
 
     async def aclose(self) -> None:
-        """Drain the dynamic batcher (if any) and close; idempotent."""
-        batcher, self._batcher = self._batcher, None
+        """Run every queued and running batch to its end, then take no more; idempotent.
+
+        ``infer_async`` afterwards raises :class:`~models.base.Unavailable`; ``close``
+        (which the host calls next) releases the predictors.
+        """
+        with self._batcher_lock:
+            self._draining = True
+            batcher, self._batcher = self._batcher, None
         if batcher is not None:
             await batcher.aclose()
-        await asyncio.to_thread(self.close)
 
     # -- inference --------------------------------------------------------------------
 
@@ -169,8 +193,21 @@ class ErnieAdapter(ModelAdapter):
             not isinstance(item.text_pair, str) or not item.text_pair.strip()
         ):
             raise InvalidInput("text_pair is empty; omit it for a single text")
-        with stage("ernie.tokenize", {"ernie.max_seq_len": self.max_seq_len}):
+        with stage(st.STAGE_ERNIE_TOKENIZE, {st.ERNIE_MAX_SEQ_LEN: self.max_seq_len}):
             return self.tokenizer.encode(item.text, item.text_pair, self.max_seq_len)
+
+    def count_tokens(self, text: Any, text_pair: Any = None) -> TokenCount:
+        """The ids ``infer`` would bill for this text (pair), without inference. Blocks;
+        raises InvalidInput for non-string or empty texts."""
+        if not isinstance(text, str) or (text_pair is not None and not isinstance(text_pair, str)):
+            raise InvalidInput("'text' (and 'text_pair' if given) must be strings")
+        encoding = self.encode(ErnieInput(text, text_pair))
+        return TokenCount(
+            input_ids=list(encoding.input_ids),
+            token_type_ids=list(encoding.token_type_ids),
+            truncated=bool(encoding.truncated),
+            max_seq_len=self.max_seq_len,
+        )
 
     def infer(self, batch: Sequence[ErnieInput]) -> list[ErnieResult | ModelError]:
         """Run one request's items; usage goes to the current request. Blocks."""
@@ -199,15 +236,17 @@ class ErnieAdapter(ModelAdapter):
         usage = current_usage()  # this request's, captured in its own task
         text = getattr(item, "text", None)
         if isinstance(text, str) and len(text) > _INLINE_CHARS:
-            # A long text would hold the event loop; to_thread keeps the request context.
-            encoding = await asyncio.to_thread(self.encode, item)
+            # A long text would hold the event loop; run_blocking keeps the request context.
+            encoding = await self.run_blocking(self.encode, item)
         else:
             encoding = self.encode(item)
         encoded = _Encoded(encoding, trace_link())
         if self.batching:
             result = await self._get_batcher().submit(encoded)
         else:
-            result = (await asyncio.to_thread(self._run_batch, [encoded]))[0]
+            if self._draining:
+                raise Unavailable(f"ernie model {self.name!r} is shutting down")
+            result = (await self.run_blocking(self._run_batch, [encoded]))[0]
         if isinstance(result, ModelError):
             raise result
         if usage is not None:
@@ -217,6 +256,8 @@ class ErnieAdapter(ModelAdapter):
     def _get_batcher(self) -> DynamicBatcher[_Encoded, ErnieResult | ModelError]:
         loop = asyncio.get_running_loop()
         with self._batcher_lock:
+            if self._draining:
+                raise Unavailable(f"ernie model {self.name!r} is shutting down")
             if self._batcher is not None and self._batcher.loop not in (None, loop):
                 # Served from a new event loop (the old one is gone, e.g. between tests or
                 # after a server restart in-process): its batcher cannot be reused.
@@ -227,6 +268,8 @@ class ErnieAdapter(ModelAdapter):
                     self.max_batch_size,
                     self.max_wait_ms,
                     max_concurrency=self.pool_size,
+                    # The host's pool; no request's context: a batch serves (links) several.
+                    executor=self.executor,
                 )
             return self._batcher
 
@@ -250,10 +293,10 @@ class ErnieAdapter(ModelAdapter):
         if missing:
             error = ModelError(f"model input(s) {missing} are not supported by this adapter")
             return [error] * len(batch)
-        attrs = {"ernie.batch_size": len(batch), "ernie.seq_len": width, "ernie.task": self.task}
+        attrs = {st.ERNIE_BATCH_SIZE: len(batch), st.ERNIE_SEQ_LEN: width, st.ERNIE_TASK: self.task}
         links = [e.link for e in batch if e.link is not None]
         try:
-            with stage("ernie.infer", attrs, links=links):
+            with stage(st.STAGE_ERNIE_INFER, attrs, links=links):
                 outputs = pool.run([feeds[n] for n in names])
         except Exception as exc:  # a broken run fails its batch, never the server
             return [ModelError(f"ernie inference failed: {exc}")] * len(batch)

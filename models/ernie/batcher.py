@@ -3,9 +3,11 @@
 The ERNIE adapter puts one of these in front of its predictor pool. ``submit`` is
 awaited by each request on the event loop; a collector task gathers items until
 ``max_batch_size`` are waiting or ``max_wait_ms`` passed since the first one, then runs
-``run_batch`` on a worker thread (never on the loop). ``run_batch`` returns one result
-per item in order; an item's result that is an ``Exception`` is raised to that item's
-caller only, and an exception from ``run_batch`` itself goes to every item of the batch.
+``run_batch`` on a worker thread of ``executor`` (never on the loop; the ERNIE adapter
+passes the host's inference pool). ``run_batch`` returns one result per item in order;
+an item's result that is an ``Exception`` is raised to that item's caller only, and an
+exception from ``run_batch`` itself goes to every item of the batch. ``aclose`` runs
+what is queued before it returns.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ Export: ONE program, ``paddle.jit.save`` -> ``inference.json`` (PIR) or
 ``token_type_ids`` (int64, [batch, seq]), TWO outputs in this order: ``logits``
 [batch, num_labels] and ``pooled_output`` [batch, hidden] (the embedding). The directory
 also holds vocab.txt, tokenizer_config.json, special_tokens_map.json, config.json and
-paddle_meter.json (label names, output order, the ``untrained`` flag) which the adapter
-reads.
+paddle_meter.json (label names, output order, the ``untrained`` flag; see
+:mod:`models.ernie.export_layout`) which the adapter reads.
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from models.ernie.export_layout import META_FILE
 from models.ernie.vocab import build_demo_vocab, write_tokenizer_files
 
-__all__ = ["META_FILE", "make_demo_ernie"]
-
-#: The adapter's side file: labels, output order, limits.
-META_FILE = "paddle_meter.json"
+__all__ = ["make_demo_ernie"]
 _MAX_POSITIONS = 512
 _TYPE_VOCAB = 4  # ERNIE 3.0's type_vocab_size
 _TASK_TYPE_VOCAB = 3  # ERNIE 3.0's task_type_vocab_size (use_task_id)
@@ -111,9 +109,11 @@ def make_demo_ernie(
             "num_labels and layers must be >= 1 and hidden_size a positive multiple of 16"
         )
     if labels is None:
-        labels = ["negative", "positive"] if num_labels == 2 else [
-            f"label_{i}" for i in range(num_labels)
-        ]
+        labels = (
+            ["negative", "positive"]
+            if num_labels == 2
+            else [f"label_{i}" for i in range(num_labels)]
+        )
     if len(labels) != num_labels:
         raise ValueError(f"{len(labels)} labels given for num_labels={num_labels}")
     directory = Path(out_dir)

@@ -88,6 +88,7 @@ class OcrAdapter(ModelAdapter):
     """
 
     operation = "ocr"
+    model_kind = "ocr"
 
     def __init__(self, name: str = "ocr", options: Mapping[str, Any] | None = None) -> None:
         options = dict(options or {})

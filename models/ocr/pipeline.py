@@ -3,7 +3,7 @@
 :class:`OcrPipeline` owns one :class:`~models.paddle_runtime.PredictorPool` per model
 (det, cls, rec) and the decoders, and is safe to call from many threads at once: each
 stage borrows a predictor only for its own forward pass. Each stage runs inside
-``models.usage.stage("ocr.det" | "ocr.cls" | "ocr.rec")`` so the metering core can
+``models.usage.stage`` (names from :mod:`models.stages`) so the metering core can
 turn it into a child span.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from models import stages as st
 from models.ocr.imaging import crop_text_box, det_input, pad_normalise_line, sort_boxes
 from models.ocr.postprocess import build_postprocess
 from models.paddle_runtime import PredictorPool, RuntimeOptions
@@ -87,26 +88,26 @@ class OcrPipeline:
     def run(self, img: np.ndarray) -> list[OcrLine]:
         """OCR one BGR image; returns lines in reading order. Blocks."""
         h, w = img.shape[:2]
-        with stage("ocr.det", {"ocr.image.width": w, "ocr.image.height": h}) as span:
+        with stage(st.STAGE_OCR_DET, {st.OCR_IMAGE_WIDTH: w, st.OCR_IMAGE_HEIGHT: h}) as span:
             prob_map = self.det_pool.run([det_input(img, self.config.det_limit_side_len)])[0]
             boxes = sort_boxes(self.det_post(prob_map, h, w))
-            _set(span, "ocr.boxes", len(boxes))
+            _set(span, st.OCR_BOXES, len(boxes))
         if not boxes:
             return []
         crops = [crop_text_box(img, box) for box in boxes]
         if self.cls_pool is not None:
-            with stage("ocr.cls", {"ocr.crops": len(crops)}) as span:
+            with stage(st.STAGE_OCR_CLS, {st.OCR_CROPS: len(crops)}) as span:
                 rotated = self._classify(crops)
-                _set(span, "ocr.rotated", rotated)
-        with stage("ocr.rec", {"ocr.crops": len(crops)}) as span:
+                _set(span, st.OCR_ROTATED, rotated)
+        with stage(st.STAGE_OCR_REC, {st.OCR_CROPS: len(crops)}) as span:
             texts = self._recognise(crops)
             lines = [
                 OcrLine(text, score, box.tolist())
                 for (text, score), box in zip(texts, boxes, strict=True)
                 if score >= self.config.drop_score and text
             ]
-            _set(span, "ocr.lines", len(lines))
-            _set(span, "ocr.characters", sum(len(line.text) for line in lines))
+            _set(span, st.OCR_LINES, len(lines))
+            _set(span, st.OCR_CHARACTERS, sum(len(line.text) for line in lines))
         return lines
 
     def _classify(self, crops: list[np.ndarray]) -> int:
