@@ -1,10 +1,12 @@
-"""Billing commands for the ``paddle-meter`` CLI: ``bill export``, ``bill reprice``, ``report``.
+"""Billing commands for the ``paddle-meter`` CLI: ``bill export``, ``bill reprice``, ``report``,
+``ledger status``.
 
 The server's CLI calls :func:`add_subcommands` with its subparsers and may supply the
 configured ledger URL / pricing file with ``parser.set_defaults(ledger=..., pricing=...)``
 (our options use ``argparse.SUPPRESS`` so such defaults survive); ``--ledger`` given
 explicitly wins. Each subcommand sets ``func``: call ``args.func(args)`` -> exit code.
-``python -m billing.cli ...`` runs the same commands standalone.
+``python -m billing.cli ...`` runs the same commands standalone. Nothing printed (results
+or errors) carries a DSN password: ledger locations and messages go through redact_dsn.
 """
 
 from __future__ import annotations
@@ -20,13 +22,23 @@ DEFAULT_PRICING = os.environ.get("PADDLE_METER_PRICING", "config/pricing.yaml")
 
 
 def _common(p: argparse.ArgumentParser, *, period_required: bool = True) -> None:
-    p.add_argument("--ledger", default=argparse.SUPPRESS,
-                   help="ledger path or URL (sqlite:///..., postgresql://...); "
-                        "default: the configured ledger")
-    p.add_argument("--from", dest="start", required=period_required,
-                   help="UTC start, YYYY-MM-DD or ISO-8601 (inclusive)")
-    p.add_argument("--to", dest="end", required=period_required,
-                   help="UTC end (exclusive; a bare date includes that day)")
+    p.add_argument(
+        "--ledger",
+        default=argparse.SUPPRESS,
+        help="ledger path or URL (sqlite:///..., postgresql://...); default: the configured ledger",
+    )
+    p.add_argument(
+        "--from",
+        dest="start",
+        required=period_required,
+        help="UTC start, YYYY-MM-DD or ISO-8601 (inclusive)",
+    )
+    p.add_argument(
+        "--to",
+        dest="end",
+        required=period_required,
+        help="UTC end (exclusive; a bare date includes that day)",
+    )
 
 
 def add_subcommands(subparsers: Any, *, default_ledger: str | None = None) -> None:
@@ -45,8 +57,9 @@ def add_subcommands(subparsers: Any, *, default_ledger: str | None = None) -> No
 
     rep = bill_sub.add_parser("reprice", help="re-rate a period with the current price table")
     _common(rep)
-    rep.add_argument("--pricing", default=argparse.SUPPRESS,
-                     help=f"price table YAML (default {DEFAULT_PRICING})")
+    rep.add_argument(
+        "--pricing", default=argparse.SUPPRESS, help=f"price table YAML (default {DEFAULT_PRICING})"
+    )
     rep.add_argument("--reason", help="why (kept in the audit table)")
     rep.add_argument("--by", dest="changed_by", help="who (default: the OS user)")
     rep.add_argument("--dry-run", action="store_true")
@@ -55,16 +68,38 @@ def add_subcommands(subparsers: Any, *, default_ledger: str | None = None) -> No
     report = subparsers.add_parser("report", help="usage and cost report")
     _common(report)
     report.add_argument("--period", choices=("day", "week", "month"), default="day")
-    report.add_argument("--by", default="tenant,model",
-                        help="comma list of tenant, model, operation ('' for totals)")
+    report.add_argument(
+        "--by",
+        default="tenant,model",
+        help="comma list of tenant, model, operation ('' for totals)",
+    )
     report.add_argument("--tenant")
     report.add_argument("--model")
     report.add_argument("--format", choices=("table", "csv", "xlsx", "json"), default="table")
     report.add_argument("-o", "--output", help="output file (stdout if omitted)")
     report.add_argument("--chart", help="also write a PNG trend chart here")
-    report.add_argument("--source", choices=("rollup", "raw"), default="rollup",
-                        help=argparse.SUPPRESS)
+    report.add_argument(
+        "--source", choices=("rollup", "raw"), default="rollup", help=argparse.SUPPRESS
+    )
     report.set_defaults(func=_cmd_report, _default_ledger=default_ledger)
+
+    ledger = subparsers.add_parser("ledger", help="ledger maintenance")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    status = ledger_sub.add_parser(
+        "status",
+        help="records, schema version, spool and quarantine of the ledger (password redacted)",
+    )
+    status.add_argument(
+        "--ledger",
+        default=argparse.SUPPRESS,
+        help="ledger path or URL; default: the configured ledger",
+    )
+    status.add_argument(
+        "--spool-dir",
+        default=argparse.SUPPRESS,
+        help="spool dir (default: the data dir's ledger.spool)",
+    )
+    status.set_defaults(func=_cmd_ledger_status, _default_ledger=default_ledger)
 
 
 def _reader(args: argparse.Namespace) -> Any:
@@ -79,9 +114,16 @@ def _reader(args: argparse.Namespace) -> Any:
 def _cmd_export(args: argparse.Namespace) -> int:
     from billing.export import export_records
 
-    n = export_records(_reader(args), start=args.start, end=args.end, fmt=args.format,
-                       path=args.output, tenant=args.tenant, model=args.model,
-                       progress=not args.no_progress)
+    n = export_records(
+        _reader(args),
+        start=args.start,
+        end=args.end,
+        fmt=args.format,
+        path=args.output,
+        tenant=args.tenant,
+        model=args.model,
+        progress=not args.no_progress,
+    )
     print(f"exported {n} records to {args.output}", file=sys.stderr)
     return 0
 
@@ -91,11 +133,20 @@ def _cmd_reprice(args: argparse.Namespace) -> int:
     from billing.reprice import reprice
 
     book = PriceBook.load(getattr(args, "pricing", None) or DEFAULT_PRICING)
-    result = reprice(_reader(args), book, start=args.start, end=args.end,
-                     changed_by=args.changed_by, reason=args.reason, dry_run=args.dry_run)
+    result = reprice(
+        _reader(args),
+        book,
+        start=args.start,
+        end=args.end,
+        changed_by=args.changed_by,
+        reason=args.reason,
+        dry_run=args.dry_run,
+    )
     verb = "would change" if args.dry_run else "changed"
-    print(f"examined {result.examined} records, {verb} {result.changed}; total "
-          f"{round_bill(result.old_total)} -> {round_bill(result.new_total)} {book.currency}")
+    print(
+        f"examined {result.examined} records, {verb} {result.changed}; total "
+        f"{round_bill(result.old_total)} -> {round_bill(result.new_total)} {book.currency}"
+    )
     return 0
 
 
@@ -104,24 +155,63 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from billing.report import build_report, parse_by
 
     by = parse_by(args.by)
-    rows = build_report(_reader(args), start=args.start, end=args.end, period=args.period,
-                        by=by, tenant=args.tenant, model=args.model, source=args.source)
+    rows = build_report(
+        _reader(args),
+        start=args.start,
+        end=args.end,
+        period=args.period,
+        by=by,
+        tenant=args.tenant,
+        model=args.model,
+        source=args.source,
+    )
     write_report(rows, by, args.format, args.output)
     if args.chart:
         write_chart(rows, args.chart)
     return 0
 
 
+def _cmd_ledger_status(args: argparse.Namespace) -> int:
+    from exporters.ledger.dsn import redact_dsn
+    from exporters.ledger.reader import parse_ledger_url
+    from exporters.ledger.spool import QUARANTINE_NAME, count_lines, default_spool_dir
+
+    reader = _reader(args)
+    kind, target = parse_ledger_url(reader.target)
+    records = reader.fetch_all("SELECT COUNT(*) FROM usage_records")[0][0]
+    version = reader.fetch_all("SELECT MAX(version) FROM schema_migrations")[0][0]
+    spool_dir = getattr(args, "spool_dir", None) or default_spool_dir(
+        target if kind == "sqlite" else None
+    )
+    names = sorted(os.listdir(spool_dir)) if os.path.isdir(spool_dir) else []
+    spools = [n for n in names if n.startswith("spool-") and n.endswith(".jsonl")]
+    quarantine = os.path.join(spool_dir, QUARANTINE_NAME)
+    print(f"ledger: {redact_dsn(reader.target)} ({kind})")
+    print(f"schema_version: {version}")
+    print(f"records: {records}")
+    print(f"spool_dir: {spool_dir}")
+    print(f"spool_files: {len(spools)}")
+    print(f"spool_pending: {sum(count_lines(os.path.join(spool_dir, n)) for n in spools)}")
+    print(f"quarantined: {count_lines(quarantine) if os.path.exists(quarantine) else 0}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point; errors print one line and exit 2."""
     parser = argparse.ArgumentParser(prog="paddle-meter")
-    add_subcommands(parser.add_subparsers(dest="command", required=True),
-                    default_ledger=os.environ.get("PADDLE_METER_LEDGER"))
+    add_subcommands(
+        parser.add_subparsers(dest="command", required=True),
+        default_ledger=os.environ.get("PADDLE_METER_LEDGER"),
+    )
     args = parser.parse_args(argv)
+    from exporters.ledger.base import LedgerUnavailable
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"paddle-meter: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, LedgerUnavailable) as exc:
+        from exporters.ledger.dsn import redact_dsn
+
+        print(f"paddle-meter: error: {redact_dsn(str(exc))}", file=sys.stderr)
         return 2
 
 

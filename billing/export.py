@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+from billing.output import private_output
 from billing.report import parse_bound
 from exporters.ledger.reader import LedgerReader
 from exporters.ledger.schema import RAW_COLUMNS, row_to_record
@@ -27,8 +28,15 @@ __all__ = ["EXPORT_FORMATS", "export_records", "iter_records"]
 EXPORT_FORMATS = ("jsonl", "csv", "parquet", "xlsx")
 _XLSX_MAX_ROWS = 1_048_575  # Excel's sheet limit minus the header
 _ROW_GROUP = 100_000
-_INT = {"input_tokens", "output_tokens", "characters", "images", "billable_tokens",
-        "request_bytes", "response_bytes"}
+_INT = {
+    "input_tokens",
+    "output_tokens",
+    "characters",
+    "images",
+    "billable_tokens",
+    "request_bytes",
+    "response_bytes",
+}
 
 
 def _where(tenant: str | None, model: str | None) -> str:
@@ -41,39 +49,64 @@ def _where(tenant: str | None, model: str | None) -> str:
 
 
 def _params(start: str, end: str, tenant: str | None, model: str | None) -> tuple[Any, ...]:
-    return (parse_bound(start), parse_bound(end, end=True),
-            *(v for v in (tenant, model) if v is not None))
+    return (
+        parse_bound(start),
+        parse_bound(end, end=True),
+        *(v for v in (tenant, model) if v is not None),
+    )
 
 
-def iter_records(reader: LedgerReader, *, start: str, end: str, tenant: str | None = None,
-                 model: str | None = None) -> Iterator[UsageRecord]:
+def iter_records(
+    reader: LedgerReader,
+    *,
+    start: str,
+    end: str,
+    tenant: str | None = None,
+    model: str | None = None,
+) -> Iterator[UsageRecord]:
     """Records of the period in (ts, request_id) order, streamed."""
-    query = (f"SELECT {', '.join(RAW_COLUMNS)} FROM usage_records "
-             f"WHERE {_where(tenant, model)} ORDER BY ts, request_id")
+    query = (
+        f"SELECT {', '.join(RAW_COLUMNS)} FROM usage_records "
+        f"WHERE {_where(tenant, model)} ORDER BY ts, request_id"
+    )
     for row in reader.iter_rows(query, _params(start, end, tenant, model)):
         yield row_to_record(row)
 
 
-def export_records(reader: LedgerReader, *, start: str, end: str, fmt: str, path: str,
-                   tenant: str | None = None, model: str | None = None,
-                   progress: bool = True) -> int:
-    """Write the period's records to ``path`` as ``fmt``; returns the number written."""
+def export_records(
+    reader: LedgerReader,
+    *,
+    start: str,
+    end: str,
+    fmt: str,
+    path: str,
+    tenant: str | None = None,
+    model: str | None = None,
+    progress: bool = True,
+) -> int:
+    """Write the period's records to ``path`` (mode 0600, replaced atomically) as ``fmt``;
+    returns the number written."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {EXPORT_FORMATS}, not {fmt!r}")
     (total,) = reader.fetch_all(
         f"SELECT COUNT(*) FROM usage_records WHERE {_where(tenant, model)}",
-        _params(start, end, tenant, model))[0]
+        _params(start, end, tenant, model),
+    )[0]
     total = int(total)
     if fmt == "xlsx" and total > _XLSX_MAX_ROWS:
-        raise ValueError(f"{total} records exceed an xlsx sheet ({_XLSX_MAX_ROWS} rows); "
-                         "export csv or parquet")
+        raise ValueError(
+            f"{total} records exceed an xlsx sheet ({_XLSX_MAX_ROWS} rows); export csv or parquet"
+        )
     from tqdm import tqdm
 
     records = iter_records(reader, start=start, end=end, tenant=tenant, model=model)
-    with tqdm(total=total, unit="rec", disable=not progress or total < 10_000,
-              desc=f"export {fmt}") as bar:
+    with tqdm(
+        total=total, unit="rec", disable=not progress or total < 10_000, desc=f"export {fmt}"
+    ) as bar:
         writer = {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet, "xlsx": _xlsx}[fmt]
-        return writer(records, path, bar)
+        # 0600, complete or absent: a bill export is as private as the ledger
+        with private_output(path) as tmp:
+            return writer(records, tmp, bar)
 
 
 def _jsonl(records: Iterator[UsageRecord], path: str, bar: Any) -> int:

@@ -5,19 +5,60 @@ guesses the ANSI code page and mangles tenant names), dates are written as real 
 xlsx and as ``YYYY-MM-DD`` in CSV, and numbers as numbers (cost too: already rounded to
 0.01, so a float shows the same figure). JSON keeps cost as a decimal string, like the
 ledger's ``cost`` column, so no consumer sees binary rounding.
+
+Bills are as private as the ledger: every file written here and by billing/export.py goes
+through :func:`private_output`, created 0600 under a temporary name and renamed over the
+target only when complete (never a world-readable or half-written bill).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import io
 import json
-from collections.abc import Sequence
+import os
+import uuid
+from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from typing import Any, TextIO
 
-__all__ = ["FORMATS", "report_columns", "report_to_json", "write_chart", "write_report"]
+__all__ = [
+    "FORMATS",
+    "private_output",
+    "report_columns",
+    "report_to_json",
+    "write_chart",
+    "write_report",
+]
+
+
+@contextlib.contextmanager
+def private_output(path: str) -> Iterator[str]:
+    """Yield a fresh 0600 file path next to ``path``; on success fsync it and atomically
+    replace ``path`` with it (an existing file's loose mode goes with the old inode). On an
+    exception the partial file is removed and ``path`` is left as it was."""
+    target = os.path.abspath(path)
+    tmp = os.path.join(
+        os.path.dirname(target), f".{os.path.basename(target)}.{uuid.uuid4().hex[:8]}.tmp"
+    )
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.fchmod(fd, 0o600)  # whatever the umask
+    os.close(fd)
+    try:
+        yield tmp  # writers reopen it by name: the mode of an existing file is kept
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
 
 FORMATS = ("table", "csv", "xlsx", "json")
 
@@ -41,14 +82,21 @@ def report_to_json(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: _plain(v) for k, v in row.items()} for row in rows]
 
 
-def write_report(rows: Sequence[dict[str, Any]], by: Sequence[str], fmt: str,
-                 out: str | None, *, stdout: TextIO | None = None) -> None:
+def write_report(
+    rows: Sequence[dict[str, Any]],
+    by: Sequence[str],
+    fmt: str,
+    out: str | None,
+    *,
+    stdout: TextIO | None = None,
+) -> None:
     """Write ``rows`` as ``fmt`` to the file ``out`` (or ``stdout`` for text formats)."""
     cols = report_columns(rows, by)
     if fmt == "xlsx":
         if not out:
             raise ValueError("xlsx output needs -o FILE")
-        _write_xlsx(rows, cols, out)
+        with private_output(out) as tmp:
+            _write_xlsx(rows, cols, tmp)
         return
     buf = io.StringIO(newline="")
     if fmt == "json":
@@ -67,7 +115,7 @@ def write_report(rows: Sequence[dict[str, Any]], by: Sequence[str], fmt: str,
     if out:
         # utf-8-sig: the BOM lets Excel open the CSV as UTF-8.
         encoding = "utf-8-sig" if fmt == "csv" else "utf-8"
-        with open(out, "w", encoding=encoding, newline="") as fh:
+        with private_output(out) as tmp, open(tmp, "w", encoding=encoding, newline="") as fh:
             fh.write(text)
     else:
         (stdout or __import__("sys").stdout).write(text)
@@ -78,9 +126,12 @@ def _table(rows: Sequence[dict[str, Any]], cols: list[str]) -> str:
     widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
     lines = []
     for n, line in enumerate(cells):
-        lines.append("  ".join(
-            v.ljust(w) if i <= 0 or not _numeric(v) else v.rjust(w)
-            for i, (v, w) in enumerate(zip(line, widths, strict=True))).rstrip())
+        lines.append(
+            "  ".join(
+                v.ljust(w) if i <= 0 or not _numeric(v) else v.rjust(w)
+                for i, (v, w) in enumerate(zip(line, widths, strict=True))
+            ).rstrip()
+        )
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines) + "\n"
@@ -143,5 +194,8 @@ def write_chart(rows: Sequence[dict[str, Any]], path: str) -> None:
     ax_tok.legend(loc="best", fontsize="small")
     fig.autofmt_xdate()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with private_output(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

@@ -23,11 +23,27 @@ __all__ = ["DIMENSIONS", "METRICS", "PERIODS", "build_report", "parse_bound", "p
 DIMENSIONS = ("tenant", "model", "operation")
 PERIODS = ("day", "week", "month")
 METRICS = (
-    "requests", "errors", "input_tokens", "output_tokens", "characters", "images",
-    "billable_tokens", "cost", "tokens_per_request", "cost_per_request",
+    "requests",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "characters",
+    "images",
+    "billable_tokens",
+    "cost",
+    "tokens_per_request",
+    "cost_per_request",
 )
-_SUMS = ("requests", "errors", "input_tokens", "output_tokens", "characters", "images",
-         "billable_tokens", "cost_micros")
+_SUMS = (
+    "requests",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "characters",
+    "images",
+    "billable_tokens",
+    "cost_micros",
+)
 _MICRO = Decimal("0.000001")
 
 
@@ -71,16 +87,21 @@ def parse_by(by: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _daily_sql(source: str, by: tuple[str, ...], tenant: str | None, model: str | None
-               ) -> str:
+def _daily_sql(source: str, by: tuple[str, ...], tenant: str | None, model: str | None) -> str:
     if source == "rollup":
         table, tcol = "usage_rollup_minute", "minute"
-        sums = ("SUM(requests)", "SUM(CASE WHEN status_class = 'error' THEN requests ELSE 0 END)",
-                *(f"SUM({c})" for c in _SUMS[2:]))
+        sums = (
+            "SUM(requests)",
+            "SUM(CASE WHEN status_class = 'error' THEN requests ELSE 0 END)",
+            *(f"SUM({c})" for c in _SUMS[2:]),
+        )
     elif source == "raw":
         table, tcol = "usage_records", "ts"
-        sums = ("COUNT(*)", "SUM(CASE WHEN status = 'ok' THEN 0 ELSE 1 END)",
-                *(f"SUM({c})" for c in _SUMS[2:]))
+        sums = (
+            "COUNT(*)",
+            "SUM(CASE WHEN status = 'ok' THEN 0 ELSE 1 END)",
+            *(f"SUM({c})" for c in _SUMS[2:]),
+        )
     else:
         raise ValueError(f"source must be 'rollup' or 'raw', not {source!r}")
     day = f"substr({tcol}, 1, 10)"
@@ -90,8 +111,10 @@ def _daily_sql(source: str, by: tuple[str, ...], tenant: str | None, model: str 
     if model is not None:
         where.append("model = ?")
     group = ", ".join((day, *by))
-    return (f"SELECT {group}, {', '.join(sums)} FROM {table} "
-            f"WHERE {' AND '.join(where)} GROUP BY {group}")
+    return (
+        f"SELECT {group}, {', '.join(sums)} FROM {table} "
+        f"WHERE {' AND '.join(where)} GROUP BY {group}"
+    )
 
 
 def build_report(
@@ -122,9 +145,9 @@ def build_report(
     params += [v for v in (tenant, model) if v is not None]
     acc: dict[tuple[Any, ...], list[int]] = {}
     for row in reader.fetch_all(_daily_sql(source, dims, tenant, model), tuple(params)):
-        key = (period_start(row[0], period), *row[1:1 + len(dims)])
+        key = (period_start(row[0], period), *row[1 : 1 + len(dims)])
         slot = acc.setdefault(key, [0] * len(_SUMS))
-        for i, value in enumerate(row[1 + len(dims):]):
+        for i, value in enumerate(row[1 + len(dims) :]):
             slot[i] += int(value or 0)
     out = []
     for key in sorted(acc):
@@ -136,9 +159,15 @@ def build_report(
         row["cost"] = round_bill(exact_cost)
         row["tokens_per_request"] = (
             (Decimal(sums["input_tokens"] + sums["output_tokens"]) / n).quantize(
-                Decimal("0.01"), rounding=ROUND_HALF_UP) if n else Decimal("0.00"))
+                Decimal("0.01"), rounding=ROUND_HALF_UP
+            )
+            if n
+            else Decimal("0.00")
+        )
         row["cost_per_request"] = (
-            (exact_cost / n).quantize(COST_QUANTUM, rounding=ROUND_HALF_UP) if n
-            else Decimal(0).quantize(COST_QUANTUM))
+            (exact_cost / n).quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
+            if n
+            else Decimal(0).quantize(COST_QUANTUM)
+        )
         out.append(row)
     return out

@@ -4,7 +4,9 @@
 tests and benchmarks start in-process. Startup order: load models (blocking, in a thread),
 set up metering, bind gRPC then HTTP. Shutdown (SIGTERM/SIGINT or :meth:`stop`): report
 NOT_SERVING, stop accepting, let in-flight requests finish within the grace period, then
-flush metering and the ledger, and close the models.
+drain the models (batches still queued run, so their stage spans reach a live tracer) and
+close them with the inference pool, and last flush metering and the ledger, so every
+record of a finished request is written before the process exits.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import os
 import signal
 import socket
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,7 +25,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc
 
-from serving import oip_grpc, pipeline
+from serving import oip_grpc, pipeline_grpc
+from serving.data_dir import prepare_data_dir
 from serving.http_app import BodyLimit, build_http_app
 from serving.metering_setup import Metering, build_metering
 from serving.model_host import ModelHost
@@ -73,13 +75,12 @@ class PaddleMeterServer:
         self._stopping = False
 
     async def start(self) -> None:
-        data_dir = Path(self.config["server"]["data_dir"])
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data_dir = prepare_data_dir(self.config["server"]["data_dir"])
         await asyncio.to_thread(self.models.load)
         self.metering = build_metering(self.config, data_dir)
         await self._start_grpc()
         await self._start_http()
-        for name in ("", oip_grpc.SERVICE_NAME, pipeline.SERVICE_NAME):
+        for name in ("", oip_grpc.SERVICE_NAME, pipeline_grpc.SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving",
@@ -103,13 +104,13 @@ class PaddleMeterServer:
             oip_grpc.OipGrpcService(self.models), server
         )
         pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
-            pipeline.PipelineGrpcService(self.models), server
+            pipeline_grpc.PipelineGrpcService(self.models), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (
                 oip_grpc.SERVICE_NAME,
-                pipeline.SERVICE_NAME,
+                pipeline_grpc.SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -162,10 +163,14 @@ class PaddleMeterServer:
         if self._grpc is not None:
             waits.append(self._grpc.stop(self._grace_s))
         await asyncio.gather(*[w for w in waits if w is not None], return_exceptions=True)
-        if self.metering is not None:
-            await asyncio.to_thread(self.metering.shutdown)
-        await asyncio.to_thread(self.models.close)
-        self._stopped.set()
+        try:
+            # Before metering: every request's record is final once the transports stopped
+            # (finished or cancelled), but a draining batch still emits its stage spans.
+            await self.models.aclose(timeout_s=self._grace_s)
+        finally:
+            if self.metering is not None:
+                await asyncio.to_thread(self.metering.shutdown)
+            self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from billing.cli import add_subcommands
+from exporters.ledger import LedgerUnavailable, redact_dsn
 from serving.config import ConfigError, ledger_url, load_config, pricing_path
 from serving.logs import setup_logging
 
@@ -116,8 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"paddle-meter: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as exc:  # bad period, missing ledger file ...
-        print(f"paddle-meter: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, LedgerUnavailable) as exc:  # bad period, no ledger ...
+        print(f"paddle-meter: error: {redact_dsn(str(exc))}", file=sys.stderr)
         return 2
 
 

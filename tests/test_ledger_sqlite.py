@@ -169,8 +169,8 @@ async def test_locked_database_spools_then_replays_exactly_once(tmp_path):
     assert sink.stats.spool_pending == 0
     assert _count(path) == 51  # 0..49 and 1000, nothing doubled
     assert _rollup_total(path)[0] == 51
-    spool_dir = path + ".spool"
-    assert not os.path.isdir(spool_dir) or os.listdir(spool_dir) == []
+    spool_dir = tmp_path / "ledger.spool"  # the data dir's spool, not one per URL
+    assert spool_dir.is_dir() and [n for n in os.listdir(spool_dir) if n.startswith("spool")] == []
 
 
 def test_disk_full_spools_and_next_writer_replays(tmp_path):

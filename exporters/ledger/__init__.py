@@ -12,6 +12,12 @@ Write policy (what happens when the database fails):
   * If even the spool write fails, ``submit`` raises LedgerWriteError: the request must
     fail rather than be served unbilled. Counted in ``sink.stats.failed``.
   * A retried request_id is stored once (ON CONFLICT DO NOTHING): ``inserted=False``.
+  * One spool dir per data dir (``<data_dir>/ledger.spool``) whatever the ledger kind;
+    a spool file is removed only after its records are committed, malformed lines go to
+    a quarantine file (see exporters/ledger/spool.py). ``health()`` / ``can_accept()``
+    report spool_pending, write_failures, quarantined, commit latency and readiness.
+  * Secrets: DSN passwords are redacted (exporters/ledger/dsn.py) in every repr, log
+    line, raised message and CLI output.
 """
 
 from __future__ import annotations
@@ -19,18 +25,32 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from exporters.ledger.base import LedgerWriteError, UsageSink, WriteOutcome
+from exporters.ledger.base import (
+    LedgerHealth,
+    LedgerUnavailable,
+    LedgerWriteError,
+    ReportsHealth,
+    UsageSink,
+    WriteOutcome,
+)
+from exporters.ledger.dsn import redact_dsn
 from exporters.ledger.group_commit import LedgerStats
 from exporters.ledger.reader import LedgerReader, parse_ledger_url
+from exporters.ledger.spool import SPOOL_DIR_NAME
 
 __all__ = [
+    "SPOOL_DIR_NAME",
+    "LedgerHealth",
     "LedgerReader",
     "LedgerStats",
+    "LedgerUnavailable",
     "LedgerWriteError",
+    "ReportsHealth",
     "UsageSink",
     "WriteOutcome",
     "open_ledger",
     "parse_ledger_url",
+    "redact_dsn",
 ]
 
 
@@ -40,7 +60,9 @@ def open_ledger(url_or_path: str, **opts: Any) -> UsageSink:
     A path or ``sqlite:///path`` -> SqliteLedger, ``postgresql://...`` -> PostgresLedger,
     ``jsonl:///path`` -> JsonlLedger. ``opts`` are the writer's keyword options
     (``spool_dir``, ``max_batch``, ``retry_interval_s``, ...); unknown keys raise ValueError.
-    Blocks while connecting and migrating.
+    ``spool_dir`` is honoured by both SQL kinds (a server passes ``<data_dir>/ledger.spool``
+    whatever the URL); the JSONL writer has no spool and ignores it. Blocks while
+    connecting and migrating; a PostgreSQL failure raises LedgerUnavailable (scrubbed).
     """
     kind, target = parse_ledger_url(url_or_path)
     if kind == "postgresql":
@@ -50,6 +72,8 @@ def open_ledger(url_or_path: str, **opts: Any) -> UsageSink:
     else:
         from exporters.ledger.sqlite import SqliteLedger as cls
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self",)][1:]
+    if kind == "jsonl":
+        opts.pop("spool_dir", None)  # the JSONL file is itself the local durable copy
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
         raise ValueError(f"unknown {kind} ledger option(s) {unknown}; allowed: {allowed}")

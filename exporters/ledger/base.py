@@ -8,16 +8,31 @@ embedded default), PostgreSQL, JSONL.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from exporters.usage_record import UsageRecord
 
-__all__ = ["LedgerWriteError", "UsageSink", "WriteOutcome"]
+__all__ = [
+    "LedgerHealth",
+    "LedgerUnavailable",
+    "LedgerWriteError",
+    "ReportsHealth",
+    "UsageSink",
+    "WriteOutcome",
+]
 
 
 class LedgerWriteError(Exception):
     """The record could not be made durable; the caller must not report it as written."""
+
+
+class LedgerUnavailable(Exception):
+    """The ledger database cannot be reached or opened; the message holds no password.
+
+    Raised by opening a ledger or a reader (PostgreSQL: also a psycopg.OperationalError).
+    """
 
 
 class WriteOutcome:
@@ -53,4 +68,40 @@ class UsageSink(Protocol):
 
     def shutdown(self) -> None:
         """Flush and close; idempotent."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LedgerHealth:
+    """A snapshot of a ledger writer's health, for metrics and readiness (cheap, no I/O).
+
+    ``healthy`` is False while a new record could be neither committed nor spooled (the
+    last database attempt failed and so did the last spool write or probe), or once the
+    writer is shut down; requests would then fail with LedgerWriteError, so a server
+    should report itself not ready. The writer keeps retrying both every
+    ``retry_interval_s`` on its own, so ``healthy`` comes back without traffic.
+    """
+
+    healthy: bool
+    database_ok: bool  # the last commit / replay / probe against the database succeeded
+    spool_ok: bool  # a spool is configured and its last write or probe succeeded
+    spool_pending: int  # records in this spool dir (own file + dead processes') not yet committed
+    write_failures: int  # records that could not be made durable anywhere (LedgerWriteError)
+    db_errors: int  # failed database transactions (their records were spooled or failed)
+    quarantined: int  # malformed spool lines this writer moved to the quarantine file
+    torn_lines: int  # unterminated last lines of crashed writes, dropped (never acknowledged)
+    last_commit_latency_s: float | None  # duration of the last successful commit, None before one
+    spool_dir: str | None
+
+
+@runtime_checkable
+class ReportsHealth(Protocol):
+    """Implemented by the SQLite, PostgreSQL and JSONL writers (not required of a UsageSink)."""
+
+    def health(self) -> LedgerHealth:
+        """Snapshot; never blocks on the database."""
+        ...
+
+    def can_accept(self) -> bool:
+        """``health().healthy``."""
         ...

@@ -15,8 +15,12 @@ cross-thread wake-up per record); blocking callers (``write_batch``, ``flush``) 
 
 When ``commit`` raises and a :class:`Spool` is configured, the batch is appended to the
 spool (fsync'd) and reported durable with ``spooled=True``; the thread replays the spool
-into the database every ``retry_interval_s`` until it succeeds. Only when even the spool
-write fails do the submitters get :class:`LedgerWriteError`. All counters are in ``stats``.
+(its own file, and files left by dead processes) into the database every
+``retry_interval_s`` until it succeeds. Only when even the spool write fails do the
+submitters get :class:`LedgerWriteError`. All counters are in ``stats``; ``health()``
+is the snapshot that metrics and readiness read. Failures are logged at WARNING/ERROR
+(a streak of identical replay failures once per ``_LOG_EVERY_S``), with every message
+passed through the writer's ``scrub`` so a DSN password never reaches a log line.
 """
 
 from __future__ import annotations
@@ -30,18 +34,26 @@ import os
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from exporters.ledger.base import LedgerWriteError, WriteOutcome
+from exporters.ledger.base import LedgerHealth, LedgerWriteError, WriteOutcome
+from exporters.ledger.dsn import redact_dsn
+from exporters.ledger.replay import SpoolReplay
 from exporters.ledger.spool import Spool
 
-__all__ = ["CommitFn", "GroupCommitWriter", "LedgerStats"]
+__all__ = ["CommitFn", "CommitListener", "GroupCommitWriter", "LedgerStats"]
 
 _log = logging.getLogger(__name__)
 
 CommitFn = Callable[[Sequence[Any]], list[bool]]
 """Write entries with unique request_ids in one durable transaction; True where new."""
+
+CommitListener = Callable[[float, int], None]
+"""Called on the writer thread after each successful commit with (seconds, records)."""
+
+_ORPHAN_SCAN_S = 30.0  # how often an idle writer looks for spools of dead processes
 
 # Bumped in a forked child: the writer thread does not survive fork, so a writer opened
 # before the fork must refuse work there (cheaper than an os.getpid() call per submit).
@@ -67,7 +79,10 @@ class LedgerStats:
     failed: int = 0  # records that could not be made durable anywhere (LedgerWriteError)
     batches: int = 0  # database transactions attempted for new records
     db_errors: int = 0  # failed database transactions
-    spool_pending: int = 0  # records in the spool awaiting replay
+    spool_pending: int = 0  # records in the spool dir awaiting replay (own + dead processes')
+    quarantined: int = 0  # malformed spool lines moved to the quarantine file
+    torn_lines: int = 0  # unterminated last lines of crashed spool writes, dropped
+    replay_errors: int = 0  # failed replay attempts (the spool is kept and retried)
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -79,11 +94,12 @@ _Item = tuple[Sequence[Any], Any, "asyncio.AbstractEventLoop | None"]
 _STOP = object()
 
 
-class GroupCommitWriter:
+class GroupCommitWriter(SpoolReplay):
     """Owns the queue and the writer thread; ``commit`` and ``close`` run on that thread.
 
-    ``key(entry)`` gives an entry's request_id; ``to_spool(entries)`` turns entries into
-    what :meth:`Spool.append` takes (the SQL writers spool their row tuples as-is).
+    ``key(entry)`` gives an entry's request_id; spooled entries are the SQL writers' row
+    tuples as-is. ``scrub(text)`` cleans any text (error messages, tracebacks) before it
+    is logged or raised; the default removes DSN passwords.
     """
 
     def __init__(
@@ -96,6 +112,7 @@ class GroupCommitWriter:
         key: Callable[[Any], str],
         max_batch: int = 10_000,
         retry_interval_s: float = 1.0,
+        scrub: Callable[[str], str] = redact_dsn,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -103,16 +120,47 @@ class GroupCommitWriter:
         self._close = close
         self._spool = spool
         self._key = key
+        self._scrub = scrub
         self._max_batch = max_batch
         self._retry_interval_s = retry_interval_s
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
         self._last_failure = 0.0
+        self._db_ok = True  # the writer connected at open
+        self._spool_ok = spool is not None
+        self._orphan_pending: dict[str, int] = {}
+        self._last_commit_s: float | None = None
+        self._listeners: list[CommitListener] = []
+        self._warned_at = 0.0  # monotonic time of the last replay-failure warning
         self.stats = LedgerStats()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._generation = _fork_generation
         self._thread.start()
+
+    # -- any thread ----------------------------------------------------------------
+
+    def health(self) -> LedgerHealth:
+        """Snapshot for metrics and readiness; see :class:`LedgerHealth`. Never blocks."""
+        s = self.stats
+        open_ = not self._closed and self._generation == _fork_generation
+        return LedgerHealth(
+            healthy=open_ and (self._db_ok or self._spool_ok),
+            database_ok=self._db_ok,
+            spool_ok=self._spool_ok,
+            spool_pending=s.spool_pending,
+            write_failures=s.failed,
+            db_errors=s.db_errors,
+            quarantined=s.quarantined,
+            torn_lines=s.torn_lines,
+            last_commit_latency_s=self._last_commit_s,
+            spool_dir=self._spool.directory if self._spool is not None else None,
+        )
+
+    def add_commit_listener(self, listener: CommitListener) -> None:
+        """Call ``listener(seconds, records)`` after each successful commit, on the writer
+        thread: it must be quick; an exception from it is logged and ignored."""
+        self._listeners.append(listener)
 
     def submit_nowait(self, entry: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
         """Queue one entry from ``loop``'s thread; the loop future gets its WriteOutcome."""
@@ -160,16 +208,31 @@ class GroupCommitWriter:
 
     # -- writer thread -------------------------------------------------------------
 
+    def _degraded(self) -> bool:
+        """Records waiting in the spool, or the database or the spool last failed."""
+        return (
+            bool(self.stats.spool_pending)
+            or not self._db_ok
+            or (self._spool is not None and not self._spool_ok)
+        )
+
     def _run(self) -> None:
-        self._replay_orphans()
+        self._replay(force=True)
         stop = False
         get, get_nowait = self._queue.get, self._queue.get_nowait
         while not stop:
-            waiting = self._spool is not None and self._spool.pending
+            degraded = self._degraded()
+            wait = (
+                self._retry_interval_s
+                if degraded
+                else (_ORPHAN_SCAN_S if self._spool is not None else None)
+            )
             try:
-                first = get(timeout=self._retry_interval_s if waiting else None)
+                first = get(timeout=wait)
             except queue.Empty:
-                self._replay()
+                self._replay(force=not degraded)
+                if self._degraded():
+                    self._probe()
                 continue
             items: list[_Item] = []
             count = 0
@@ -189,15 +252,32 @@ class GroupCommitWriter:
             try:
                 self._process(items)
             except BaseException as exc:  # never leave a submitter waiting forever
-                _log.exception("ledger writer failed")
-                _settle(items, None, LedgerWriteError(f"usage record not durable: {exc!r}"))
-        self._replay()
+                _log.error(
+                    "ledger writer failed: %s",
+                    self._scrub("".join(traceback.format_exception(exc))),
+                )
+                _settle(
+                    items,
+                    None,
+                    LedgerWriteError(f"usage record not durable: {self._describe(exc)}"),
+                )
+        self._replay(force=True)
         try:
             self._close()
-        except Exception:  # closing must not raise out of shutdown
-            _log.exception("closing ledger connection failed")
+        except Exception as exc:  # closing must not raise out of shutdown
+            _log.error("closing ledger connection failed: %s", self._describe(exc))
         if self._spool is not None:
             self._spool.close()
+            if self.stats.spool_pending:
+                _log.warning(
+                    "ledger shut down with %d usage records still in the spool "
+                    "%s; the next writer on this spool dir replays them",
+                    self.stats.spool_pending,
+                    self._spool.directory,
+                )
+
+    def _describe(self, exc: BaseException) -> str:
+        return self._scrub(f"{type(exc).__name__}: {exc}")
 
     def _process(self, items: list[_Item]) -> None:
         entries = [e for item in items for e in item[0]]
@@ -212,25 +292,34 @@ class GroupCommitWriter:
         else:
             unique = [entries[i] for i in sorted(first_index.values())]
             dup_free = False
-        if self._spool is not None and self._spool.pending:
+        if self.stats.spool_pending:
             self._replay()
         try:
             # While the database is known to be down, go straight to the spool so
             # requests are not held up by a connection timeout per batch.
-            if self._spool is not None and self._spool.pending and (
-                time.monotonic() - self._last_failure < self._retry_interval_s
+            if (
+                self._spool is not None
+                and not self._db_ok
+                and (time.monotonic() - self._last_failure < self._retry_interval_s)
             ):
                 raise _SkipDatabase()
             self.stats.batches += 1
-            flags = self._commit(unique)
+            flags = self._timed_commit(unique)
         except Exception as exc:
             if not isinstance(exc, _SkipDatabase):
-                self.stats.db_errors += 1
-                self._last_failure = time.monotonic()
-                _log.warning("ledger commit failed (%s); spooling %d records", exc, len(unique))
+                self._db_failed()
+                _log.warning(
+                    "ledger commit failed (%s); spooling %d records",
+                    self._describe(exc),
+                    len(unique),
+                )
             outcomes = self._spool_or_fail(unique, ids, first_index)
             if outcomes is None:
-                _settle(items, None, LedgerWriteError(f"usage record not durable: {exc!r}"))
+                _settle(
+                    items,
+                    None,
+                    LedgerWriteError(f"usage record not durable: {self._describe(exc)}"),
+                )
                 return
             _settle(items, outcomes)
             return
@@ -241,72 +330,86 @@ class GroupCommitWriter:
             outcomes = [WriteOutcome(f) for f in flags]
         else:
             inserted = dict(zip((key(e) for e in unique), flags, strict=True))
-            outcomes = [WriteOutcome(inserted[r] and first_index[r] == i)
-                        for i, r in enumerate(ids)]
+            outcomes = [
+                WriteOutcome(inserted[r] and first_index[r] == i) for i, r in enumerate(ids)
+            ]
         _settle(items, outcomes)
 
-    def _spool_or_fail(self, unique: list[Any], ids: list[str], first_index: dict[str, int]
-                       ) -> list[WriteOutcome] | None:
+    def _timed_commit(self, entries: Sequence[Any]) -> list[bool]:
+        t0 = time.perf_counter()
+        flags = self._commit(entries)
+        elapsed = time.perf_counter() - t0
+        self._db_ok = True
+        if entries:
+            self._last_commit_s = elapsed
+            for listener in self._listeners:
+                try:
+                    listener(elapsed, len(entries))
+                except Exception:
+                    _log.exception("ledger commit listener failed")
+        return flags
+
+    def _db_failed(self) -> None:
+        self.stats.db_errors += 1
+        self._db_ok = False
+        self._last_failure = time.monotonic()
+
+    def _spool_or_fail(
+        self, unique: list[Any], ids: list[str], first_index: dict[str, int]
+    ) -> list[WriteOutcome] | None:
         if self._spool is None:
             self.stats.failed += len(unique)
             return None
         try:
             self._spool.append(unique)
         except OSError as spool_exc:
+            self._spool_ok = False
             self.stats.failed += len(unique)
-            _log.error("ledger spool write failed too (%s); %d records not durable",
-                       spool_exc, len(unique))
+            _log.error(
+                "ledger spool write failed too (%s); %d records not durable",
+                self._describe(spool_exc),
+                len(unique),
+            )
             return None
+        self._spool_ok = True
         self.stats.spooled += len(unique)
-        self.stats.spool_pending = self._spool.pending
+        self._count_pending()
         self.stats.duplicates += len(ids) - len(unique)
         return [WriteOutcome(first_index[r] == i, spooled=True) for i, r in enumerate(ids)]
 
+    def _probe(self) -> None:
+        """While degraded and idle: check the database and the spool so that health
+        recovers without traffic (a not-ready server gets none)."""
+        if not self._db_ok and time.monotonic() - self._last_failure >= self._retry_interval_s:
+            try:
+                self._timed_commit(())
+                _log.warning("ledger database reachable again")
+            except Exception:
+                self._last_failure = time.monotonic()
+        if self._spool is not None and not self._spool_ok:
+            try:
+                self._spool.probe()
+                self._spool_ok = True
+                _log.warning("ledger spool %s writable again", self._spool.directory)
+            except OSError:
+                pass
+
+    def _count_pending(self) -> None:
+        own = self._spool.pending if self._spool is not None else 0
+        self.stats.spool_pending = own + sum(self._orphan_pending.values())
+
     def _commit_chunks(self, entries: Sequence[Any]) -> None:
         for start in range(0, len(entries), self._max_batch):
-            self._commit(entries[start:start + self._max_batch])
-
-    def _replay(self) -> None:
-        """Try to move this process's spool into the database (idempotent)."""
-        self._replay_orphans()
-        spool = self._spool
-        if spool is None or not spool.pending:
-            return
-        try:
-            entries = spool.read_own()
-            self._commit_chunks(entries)
-        except Exception as exc:
-            self._last_failure = time.monotonic()
-            _log.debug("spool replay failed: %s", exc)
-            return
-        spool.clear_own()
-        self.stats.replayed += len(entries)
-        self.stats.spool_pending = 0
-        _log.info("replayed %d spooled usage records into the ledger", len(entries))
-
-    def _replay_orphans(self) -> None:
-        """Replay spool files left by processes that died before replaying them."""
-        if self._spool is None:
-            return
-        try:
-            for path, fd in self._spool.orphans():
-                try:
-                    entries = Spool.read_path(path)
-                    self._commit_chunks(entries)
-                    os.unlink(path)
-                    self.stats.replayed += len(entries)
-                finally:
-                    os.close(fd)
-        except Exception as exc:
-            _log.debug("orphan spool replay failed: %s", exc)
+            self._timed_commit(entries[start : start + self._max_batch])
 
 
 class _SkipDatabase(Exception):
     pass
 
 
-def _settle(items: list[_Item], outcomes: list[WriteOutcome] | None,
-            error: BaseException | None = None) -> None:
+def _settle(
+    items: list[_Item], outcomes: list[WriteOutcome] | None, error: BaseException | None = None
+) -> None:
     """Settle every submitter of a batch: one cross-thread call per event loop.
 
     A submitter that gave up (cancelled) is skipped, but its record was written all the
@@ -317,7 +420,7 @@ def _settle(items: list[_Item], outcomes: list[WriteOutcome] | None,
     for entries, future, loop in items:
         n = len(entries)
         if loop is None:
-            _resolve(future, outcomes[pos:pos + n] if error is None else None, error)
+            _resolve(future, outcomes[pos : pos + n] if error is None else None, error)
         else:
             pairs = by_loop.get(loop)
             if pairs is None:
@@ -341,8 +444,9 @@ def _settle_in_loop(pairs: list[tuple[asyncio.Future, object]]) -> None:
             future.set_result(result)
 
 
-def _resolve(future: concurrent.futures.Future, result: object = None,
-             error: BaseException | None = None) -> None:
+def _resolve(
+    future: concurrent.futures.Future, result: object = None, error: BaseException | None = None
+) -> None:
     try:
         if error is not None:
             future.set_exception(error)

@@ -35,8 +35,7 @@ class JsonlLedger(GroupCommitSink):
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         self._seen: set[str] = set()
         self._offset = 0
-        self._start(name="ledger-jsonl", spool_dir=None, max_batch=max_batch,
-                    retry_interval_s=1.0)
+        self._start(name="ledger-jsonl", spool_dir=None, max_batch=max_batch, retry_interval_s=1.0)
 
     # The JSONL writer stores records (their to_jsonl_dict lines), not SQL rows.
     _entry_key = staticmethod(attrgetter("request_id"))
@@ -69,7 +68,8 @@ class JsonlLedger(GroupCommitSink):
             flags = [r.request_id not in self._seen for r in records]
             payload = "".join(
                 json.dumps(r.to_jsonl_dict(), ensure_ascii=False, separators=(",", ":")) + "\n"
-                for r, new in zip(records, flags, strict=True) if new
+                for r, new in zip(records, flags, strict=True)
+                if new
             ).encode()
             if payload:
                 try:

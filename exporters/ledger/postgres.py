@@ -7,6 +7,11 @@ streamed with ``COPY`` into a session temp table, then one statement moves them 
 ones) and upserts the minute rollups of exactly those rows, sorted by key so concurrent
 writer processes always lock buckets in the same order (no deadlocks). A broken connection is
 dropped and reopened on the next batch; meanwhile records go to the spool.
+
+Secrets: the DSN's password stays in ``_dsn``; ``url``, ``repr`` and every error this
+module raises or logs are redacted (psycopg quotes the connection string in some errors,
+so connection failures are re-raised as :class:`LedgerConnectError` with a scrubbed
+message and no chained original).
 """
 
 from __future__ import annotations
@@ -15,10 +20,22 @@ from collections.abc import Sequence
 
 import psycopg
 
+from exporters.ledger.base import LedgerUnavailable
+from exporters.ledger.dsn import redact_dsn, scrub_error
 from exporters.ledger.schema import RAW_COLUMNS, ROLLUP_KEYS, ROLLUP_SUMS, migrate
 from exporters.ledger.sink import GroupCommitSink
+from exporters.ledger.spool import default_spool_dir
 
-__all__ = ["PostgresLedger", "connect_postgres"]
+__all__ = ["LedgerConnectError", "PostgresLedger", "connect_postgres"]
+
+
+class LedgerConnectError(LedgerUnavailable, psycopg.OperationalError):
+    """Connecting to (or migrating) the PostgreSQL ledger failed; the message is scrubbed.
+
+    A subclass of psycopg.OperationalError, so callers that caught the driver's error
+    still catch it.
+    """
+
 
 _STAGE = "ledger_stage"
 _COLS = ", ".join(RAW_COLUMNS)
@@ -38,17 +55,36 @@ _INSERT_NEW = (
 )
 
 
-def connect_postgres(url: str, *, connect_timeout_s: int = 5, create: bool = True
-                     ) -> psycopg.Connection:
-    """Open an autocommit connection (we issue transactions explicitly) and migrate."""
-    conn = psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout_s)
+def connect_postgres(
+    url: str, *, connect_timeout_s: int = 5, create: bool = True
+) -> psycopg.Connection:
+    """Open an autocommit connection (we issue transactions explicitly) and migrate.
+
+    Raises LedgerConnectError (message without the password) when that fails.
+    """
+    try:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout_s)
+    except (psycopg.Error, ValueError) as exc:  # ValueError: psycopg's bad-option errors
+        raise LedgerConnectError(
+            f"cannot connect to the PostgreSQL ledger {redact_dsn(url)}: {scrub_error(exc, url)}"
+        ) from None
     if create:
-        migrate(conn, "postgresql")
+        try:
+            migrate(conn, "postgresql")
+        except psycopg.Error as exc:
+            conn.close()
+            raise LedgerConnectError(
+                f"migrating the PostgreSQL ledger {redact_dsn(url)} failed: {scrub_error(exc, url)}"
+            ) from None
     return conn
 
 
 class PostgresLedger(GroupCommitSink):
-    """Group-committing PostgreSQL writer."""
+    """Group-committing PostgreSQL writer.
+
+    ``spool_dir``: a server passes ``<data_dir>/ledger.spool`` (the same for every ledger
+    kind); the default is :func:`~exporters.ledger.spool.default_spool_dir`.
+    """
 
     def __init__(
         self,
@@ -59,12 +95,13 @@ class PostgresLedger(GroupCommitSink):
         retry_interval_s: float = 1.0,
         connect_timeout_s: int = 5,
     ) -> None:
-        self.url = url
+        self._dsn = self._secret_url = url
+        self.url = redact_dsn(url)
         self._connect_timeout_s = connect_timeout_s
         self._conn: psycopg.Connection | None = self._connect(create=True)
         self._start(
             name="ledger-postgres",
-            spool_dir=spool_dir if spool_dir is not None else _default_spool_dir(),
+            spool_dir=spool_dir if spool_dir is not None else default_spool_dir(),
             max_batch=max_batch,
             retry_interval_s=retry_interval_s,
         )
@@ -94,20 +131,13 @@ class PostgresLedger(GroupCommitSink):
         return [row[0] in inserted for row in rows]
 
     def _connect(self, *, create: bool) -> psycopg.Connection:
-        conn = connect_postgres(self.url, connect_timeout_s=self._connect_timeout_s,
-                                create=create)
+        conn = connect_postgres(self._dsn, connect_timeout_s=self._connect_timeout_s, create=create)
         # Per-session staging table for COPY; emptied at every commit.
-        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE usage_records) "
-                     "ON COMMIT DELETE ROWS")
+        conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE usage_records) ON COMMIT DELETE ROWS"
+        )
         return conn
 
     def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
-
-
-def _default_spool_dir() -> str:
-    import os
-
-    base = os.environ.get("PADDLE_METER_DATA_DIR") or os.path.expanduser("~/.paddle-meter")
-    return os.path.join(base, "ledger.spool")

@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from exporters.ledger.dsn import redact_dsn
+
 __all__ = ["LedgerReader", "parse_ledger_url"]
 
 
@@ -25,13 +27,13 @@ def parse_ledger_url(url_or_path: str) -> tuple[str, str]:
     for scheme in ("sqlite", "jsonl"):
         prefix = f"{scheme}://"
         if url_or_path.startswith(prefix):
-            path = url_or_path[len(prefix):]
+            path = url_or_path[len(prefix) :]
             if not path.startswith("/"):
                 raise ValueError(f"{scheme} URL needs an absolute path: {scheme}:///path")
             return scheme, "/" + path.lstrip("/")
     if "://" in url_or_path:
         raise ValueError(
-            f"unknown ledger URL scheme in {url_or_path!r}; use a path, sqlite:///path, "
+            f"unknown ledger URL scheme in {redact_dsn(url_or_path)!r}; use a path, sqlite:///path, "
             "postgresql://... or jsonl:///path"
         )
     return "sqlite", os.path.abspath(url_or_path)
@@ -45,13 +47,18 @@ class LedgerReader:
         if kind == "jsonl":
             raise ValueError(
                 "reports, exports and repricing need a SQL ledger (SQLite or PostgreSQL); "
-                f"{url_or_path!r} is a JSONL log"
+                f"{redact_dsn(url_or_path)!r} is a JSONL log"
             )
         if kind == "sqlite" and not os.path.exists(target):
             raise FileNotFoundError(f"no ledger database at {target}")
         self.dialect = kind
         self.target = target
         self._migrated = False
+
+    def __repr__(self) -> str:
+        return f"LedgerReader({redact_dsn(self.target)!r})"
+
+    __str__ = __repr__
 
     def sql(self, text: str) -> str:
         """Adapt ``?`` placeholders to the dialect."""
@@ -89,8 +96,9 @@ class LedgerReader:
                 cur.execute("ROLLBACK")
                 raise
 
-    def iter_rows(self, query: str, params: tuple[Any, ...] = (), *, chunk: int = 5000
-                  ) -> Iterator[tuple[Any, ...]]:
+    def iter_rows(
+        self, query: str, params: tuple[Any, ...] = (), *, chunk: int = 5000
+    ) -> Iterator[tuple[Any, ...]]:
         """Stream a SELECT: server-side cursor in PostgreSQL, fetchmany in SQLite."""
         with self.connect() as conn:
             if self.dialect == "postgresql":

@@ -39,14 +39,28 @@ __all__ = [
 ]
 
 _INT_COLUMNS = {
-    "input_tokens", "output_tokens", "characters", "images", "billable_tokens",
-    "request_bytes", "response_bytes", "truncated", "cost_micros",
+    "input_tokens",
+    "output_tokens",
+    "characters",
+    "images",
+    "billable_tokens",
+    "request_bytes",
+    "response_bytes",
+    "truncated",
+    "cost_micros",
 }
 RAW_COLUMNS: tuple[str, ...] = (*LEDGER_COLUMNS, "cost_micros")
 ROLLUP_KEYS: tuple[str, ...] = ("minute", "tenant", "model", "operation", "status_class")
 ROLLUP_SUMS: tuple[str, ...] = (
-    "requests", "input_tokens", "output_tokens", "characters", "images", "billable_tokens",
-    "request_bytes", "response_bytes", "cost_micros",
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "characters",
+    "images",
+    "billable_tokens",
+    "request_bytes",
+    "response_bytes",
+    "cost_micros",
 )
 _MICRO = Decimal("0.000001")
 
@@ -72,8 +86,14 @@ def cost_to_micros(cost: str | None) -> int:
         return 0
     # Fast path for the usual plain form "123.000456" (what pricing writes).
     whole, dot, frac = cost.partition(".")
-    if dot and len(frac) <= 6 and whole.isdigit() and frac.isdigit() and frac.isascii() \
-            and whole.isascii():
+    if (
+        dot
+        and len(frac) <= 6
+        and whole.isdigit()
+        and frac.isdigit()
+        and frac.isascii()
+        and whole.isascii()
+    ):
         return int(whole) * 1_000_000 + int(frac.ljust(6, "0"))
     try:
         micros = Decimal(cost) / _MICRO
@@ -117,13 +137,19 @@ def row_to_record(row: Sequence[Any]) -> UsageRecord:
 
 def rollup_rows(rows: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """Aggregate raw rows (RAW_COLUMNS order) into rollup rows (ROLLUP_KEYS + ROLLUP_SUMS)."""
-    ts, tenant, model, op, status = (RAW_COLUMNS.index(c) for c in (
-        "ts", "tenant", "model", "operation", "status"))
+    ts, tenant, model, op, status = (
+        RAW_COLUMNS.index(c) for c in ("ts", "tenant", "model", "operation", "status")
+    )
     sum_idx = [RAW_COLUMNS.index(c) for c in ROLLUP_SUMS[1:]]
     acc: dict[tuple[Any, ...], list[int]] = {}
     for row in rows:
-        key = (row[ts][:16], row[tenant], row[model], row[op],
-               "ok" if row[status] == "ok" else "error")
+        key = (
+            row[ts][:16],
+            row[tenant],
+            row[model],
+            row[op],
+            "ok" if row[status] == "ok" else "error",
+        )
         slot = acc.get(key)
         if slot is None:
             slot = acc[key] = [0] * len(ROLLUP_SUMS)
@@ -148,9 +174,11 @@ def _rollup_select(where: str) -> str:
     """SELECT aggregating usage_records into rollup rows (ROLLUP_KEYS + ROLLUP_SUMS)."""
     sums = ", ".join(["COUNT(*)"] + [f"SUM({s})" for s in ROLLUP_SUMS[1:]])
     sclass = "CASE WHEN status = 'ok' THEN 'ok' ELSE 'error' END"
-    return (f"SELECT substr(ts, 1, 16), tenant, model, operation, {sclass}, {sums} "
-            f"FROM usage_records WHERE {where} "
-            f"GROUP BY substr(ts, 1, 16), tenant, model, operation, {sclass}")
+    return (
+        f"SELECT substr(ts, 1, 16), tenant, model, operation, {sclass}, {sums} "
+        f"FROM usage_records WHERE {where} "
+        f"GROUP BY substr(ts, 1, 16), tenant, model, operation, {sclass}"
+    )
 
 
 def rollup_from_new_sql() -> str:
@@ -160,9 +188,11 @@ def rollup_from_new_sql() -> str:
     """
     cols = (*ROLLUP_KEYS, *ROLLUP_SUMS)
     updates = ", ".join(f"{c} = usage_rollup_minute.{c} + excluded.{c}" for c in ROLLUP_SUMS)
-    return (f"INSERT INTO usage_rollup_minute ({', '.join(cols)}) "
-            f"{_rollup_select('rowid > ?')} "
-            f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}) DO UPDATE SET {updates}")
+    return (
+        f"INSERT INTO usage_rollup_minute ({', '.join(cols)}) "
+        f"{_rollup_select('rowid > ?')} "
+        f"ON CONFLICT ({', '.join(ROLLUP_KEYS)}) DO UPDATE SET {updates}"
+    )
 
 
 def _types(dialect: str) -> dict[str, str]:
@@ -197,9 +227,7 @@ def _rollup_ddl(dialect: str) -> list[str]:
     keys = ", ".join(f"{k} TEXT NOT NULL" for k in ROLLUP_KEYS)
     sums = ", ".join(f"{s} {t['int']} NOT NULL DEFAULT 0" for s in ROLLUP_SUMS)
     cols = ", ".join((*ROLLUP_KEYS, *ROLLUP_SUMS))
-    raw_sums = ", ".join(
-        ["COUNT(*)"] + [f"SUM({s})" for s in ROLLUP_SUMS[1:]]
-    )
+    raw_sums = ", ".join(["COUNT(*)"] + [f"SUM({s})" for s in ROLLUP_SUMS[1:]])
     return [
         f"CREATE TABLE IF NOT EXISTS usage_rollup_minute ({keys}, {sums}, "
         f"PRIMARY KEY ({', '.join(ROLLUP_KEYS)}))",
@@ -213,8 +241,11 @@ def _rollup_ddl(dialect: str) -> list[str]:
 
 
 def _audit_ddl(dialect: str) -> list[str]:
-    serial = "BIGSERIAL PRIMARY KEY" if dialect == "postgresql" else (
-        "INTEGER PRIMARY KEY AUTOINCREMENT")
+    serial = (
+        "BIGSERIAL PRIMARY KEY"
+        if dialect == "postgresql"
+        else ("INTEGER PRIMARY KEY AUTOINCREMENT")
+    )
     return [
         f"CREATE TABLE IF NOT EXISTS bill_audit (id {serial}, request_id TEXT NOT NULL, "
         "changed_at TEXT NOT NULL, changed_by TEXT NOT NULL, reason TEXT, "

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from operator import itemgetter
 from typing import Any
 
-from exporters.ledger.base import WriteOutcome
-from exporters.ledger.group_commit import GroupCommitWriter, LedgerStats
+from exporters.ledger.base import LedgerHealth, WriteOutcome
+from exporters.ledger.dsn import redact_dsn, scrub_error
+from exporters.ledger.group_commit import CommitListener, GroupCommitWriter, LedgerStats
 from exporters.ledger.schema import record_to_row
 from exporters.ledger.spool import Spool
 from exporters.usage_record import UsageRecord
@@ -29,7 +30,8 @@ __all__ = ["GroupCommitSink"]
 class GroupCommitSink:
     """Base of the SQLite, PostgreSQL and JSONL writers (implements UsageSink)."""
 
-    url: str = ""
+    url: str = ""  # never carries a password: redacted by the writer that sets it
+    _secret_url: str | None = None  # the real DSN, for scrubbing echoes of its password
     _entry_key: Any = staticmethod(itemgetter(0))  # request_id is the row's first column
 
     def _start(
@@ -43,6 +45,7 @@ class GroupCommitSink:
             key=self._entry_key,
             max_batch=max_batch,
             retry_interval_s=retry_interval_s,
+            scrub=self._scrub,
         )
         self._submit_nowait = self._writer.submit_nowait
 
@@ -50,6 +53,23 @@ class GroupCommitSink:
     def stats(self) -> LedgerStats:
         """Counters: committed, duplicates, spooled, replayed, failed, ... (see LedgerStats)."""
         return self._writer.stats
+
+    def health(self) -> LedgerHealth:
+        """Snapshot for metrics and readiness (spool_pending, write_failures, quarantined,
+        last_commit_latency_s, healthy, ...; see LedgerHealth). Never blocks."""
+        return self._writer.health()
+
+    def can_accept(self) -> bool:
+        """False while a record could be neither committed nor spooled (or after shutdown)."""
+        return self._writer.health().healthy
+
+    def add_commit_listener(self, listener: CommitListener) -> None:
+        """``listener(seconds, records)`` after each successful commit, on the writer
+        thread (for a commit-latency histogram); must be quick, must not block."""
+        self._writer.add_commit_listener(listener)
+
+    def _scrub(self, text: str) -> str:
+        return scrub_error(text, self._secret_url) if self._secret_url else redact_dsn(text)
 
     async def submit(self, record: UsageRecord) -> WriteOutcome:
         """Return once ``record`` is durable. Raises LedgerWriteError, ValueError (bad record)."""
@@ -93,4 +113,6 @@ class GroupCommitSink:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r})"
+        return f"{type(self).__name__}({redact_dsn(self.url)!r})"
+
+    __str__ = __repr__

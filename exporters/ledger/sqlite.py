@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from exporters.ledger.schema import RAW_COLUMNS, migrate, rollup_from_new_sql
 from exporters.ledger.sink import GroupCommitSink
-from exporters.ledger.spool import ensure_private_dir
+from exporters.ledger.spool import default_spool_dir, ensure_private_dir
 
 __all__ = ["SqliteLedger", "connect_sqlite"]
 
@@ -32,8 +32,9 @@ _NEW_IDS = "SELECT request_id FROM usage_records WHERE rowid > ?"
 _ROLLUP_FROM_NEW = rollup_from_new_sql()
 
 
-def connect_sqlite(path: str, *, busy_timeout_ms: int = 10_000, synchronous: str = "FULL",
-                   create: bool = True) -> sqlite3.Connection:
+def connect_sqlite(
+    path: str, *, busy_timeout_ms: int = 10_000, synchronous: str = "FULL", create: bool = True
+) -> sqlite3.Connection:
     """Open (creating 0600 in a 0700 dir if asked) and migrate; autocommit mode."""
     path = os.path.abspath(path)
     if create:
@@ -43,8 +44,9 @@ def connect_sqlite(path: str, *, busy_timeout_ms: int = 10_000, synchronous: str
     elif not os.path.exists(path):
         raise FileNotFoundError(f"no ledger database at {path}")
     # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                           timeout=busy_timeout_ms / 1000)
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000
+    )
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     if create:
         conn.execute("PRAGMA journal_mode = WAL")
@@ -54,7 +56,13 @@ def connect_sqlite(path: str, *, busy_timeout_ms: int = 10_000, synchronous: str
 
 
 class SqliteLedger(GroupCommitSink):
-    """Group-committing SQLite writer; see the module docstring for the durability choice."""
+    """Group-committing SQLite writer; see the module docstring for the durability choice.
+
+    ``spool_dir``: where records go while the database refuses them; a server passes
+    ``<data_dir>/ledger.spool`` (the same for every ledger kind). The default is
+    :func:`~exporters.ledger.spool.default_spool_dir` (``$PADDLE_METER_DATA_DIR``, else
+    the database file's directory, + ``/ledger.spool``).
+    """
 
     def __init__(
         self,
@@ -70,12 +78,13 @@ class SqliteLedger(GroupCommitSink):
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
         self.path = os.path.abspath(path)
         self.url = f"sqlite:///{self.path}"
-        self._conn = connect_sqlite(self.path, busy_timeout_ms=busy_timeout_ms,
-                                    synchronous=synchronous.upper())
+        self._conn = connect_sqlite(
+            self.path, busy_timeout_ms=busy_timeout_ms, synchronous=synchronous.upper()
+        )
         self._cur = self._conn.cursor()
         self._start(
             name="ledger-sqlite",
-            spool_dir=spool_dir if spool_dir is not None else self.path + ".spool",
+            spool_dir=spool_dir if spool_dir is not None else default_spool_dir(self.path),
             max_batch=max_batch,
             retry_interval_s=retry_interval_s,
         )
