@@ -1,6 +1,6 @@
 """The usage record: one per request, the unit the ledger stores and bills.
 
-Field names are the ledger columns of ../shared/DESIGN.md. Built by the metering core
+Field names are the ledger columns of docs/design.md. Built by the metering core
 (interceptors/core.py) once a request has finished; priced by billing/pricing.py.
 """
 

@@ -2,8 +2,10 @@
 
 The embedded default is config/default.yaml. A user file is deep-merged over it, so it only
 needs the keys it changes; a key the default does not have is an error (a typo must fail at
-start-up, not be ignored). ``models`` is the exception: a user file that lists models replaces
-the default's models, since serving a model you did not ask for is surprising.
+start-up, not be ignored), so config/default.yaml is also the schema: every accepted key is
+there, with a comment. Two maps are free-form and replaced whole, not merged: ``models`` (a
+user file that lists models replaces the default's, since serving a model you did not ask
+for is surprising) and ``telemetry.otlp_headers`` (header name -> value).
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from typing import Any
 
 import yaml
 
+from exporters.ledger.spool import SPOOL_DIR_NAME
+
 __all__ = [
     "ConfigError",
     "DEFAULT_CONFIG_PATH",
     "PROJECT_ROOT",
+    "ledger_options",
     "ledger_url",
     "load_config",
     "pricing_path",
@@ -27,8 +32,20 @@ __all__ = [
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "default.yaml"
 
-# Sections whose values are free-form maps (model names and their kind-specific options).
-_FREE_FORM = {("models",)}
+# Free-form maps, replaced whole by a user file: what each maps, for the error message.
+_FREE_FORM = {
+    ("models",): "model name -> settings",
+    ("telemetry", "otlp_headers"): "header name -> value",
+}
+# ``ledger`` keys handed to exporters.ledger.open_ledger as keyword options when not null.
+_LEDGER_OPTIONS = (
+    "spool_dir",
+    "max_batch",
+    "retry_interval_s",
+    "busy_timeout_ms",
+    "synchronous",
+    "connect_timeout_s",
+)
 
 
 class ConfigError(ValueError):
@@ -40,7 +57,7 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any], path: tuple[str, .
         where = ".".join((*path, key))
         if path + (key,) in _FREE_FORM:
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{where}: expected a mapping of model name -> settings")
+                raise ConfigError(f"{where}: expected a mapping of {_FREE_FORM[path + (key,)]}")
             base[key] = copy.deepcopy(dict(value))
             continue
         if key not in base:
@@ -65,6 +82,14 @@ def _validate_models(models: Mapping[str, Any]) -> None:
             raise ConfigError(f"models.{name!r}: a model name must be non-empty, without '/'")
 
 
+def _validate_headers(headers: Mapping[str, Any]) -> None:
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ConfigError(
+                f"telemetry.otlp_headers.{name}: header names and values must be strings"
+            )
+
+
 def load_config(
     path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -83,6 +108,7 @@ def load_config(
     if overrides:
         _merge(config, overrides, ())
     _validate_models(config["models"] or {})
+    _validate_headers(config["telemetry"]["otlp_headers"] or {})
     return config
 
 
@@ -92,6 +118,22 @@ def ledger_url(config: Mapping[str, Any]) -> str:
     if url:
         return str(url)
     return str(Path(config["server"]["data_dir"]) / "ledger.sqlite3")
+
+
+def ledger_options(config: Mapping[str, Any], data_dir: str | Path | None = None) -> dict[str, Any]:
+    """Keyword options for :func:`exporters.ledger.open_ledger` from the ``ledger`` block.
+
+    Only settings that are not null are passed, so a null leaves the writer's own default.
+    ``spool_dir`` defaults to ``<data_dir>/ledger.spool`` for every ledger kind (``data_dir``:
+    the server's, else ``server.data_dir``). A setting the configured kind does not take
+    (``busy_timeout_ms`` with PostgreSQL) makes ``open_ledger`` raise ValueError at start-up.
+    """
+    settings = config["ledger"]
+    options = {key: settings[key] for key in _LEDGER_OPTIONS if settings.get(key) is not None}
+    if "spool_dir" not in options:
+        base = Path(data_dir if data_dir is not None else config["server"]["data_dir"])
+        options["spool_dir"] = str(base / SPOOL_DIR_NAME)
+    return options
 
 
 def pricing_path(config: Mapping[str, Any]) -> Path:

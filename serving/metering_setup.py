@@ -24,7 +24,7 @@ from exporters.ledger import open_ledger
 from exporters.ledger.reader import LedgerReader
 from exporters.otel import Telemetry, TelemetryConfig, setup_telemetry
 from interceptors import MeteringCore, MeteringMiddleware, MeteringServerInterceptor
-from serving.config import ledger_url, pricing_path
+from serving.config import ledger_options, ledger_url, pricing_path
 
 __all__ = ["Metering", "build_metering"]
 
@@ -66,10 +66,7 @@ def build_metering(config: Mapping[str, Any], data_dir: Path) -> Metering:
         return Metering(core, None, None, [], lambda app: app, [])
     telemetry = setup_telemetry(TelemetryConfig.from_mapping(config["telemetry"]))
     url = ledger_url(config)
-    options: dict[str, Any] = {}
-    if url.startswith("postgresql://"):
-        options["spool_dir"] = str(data_dir / "ledger.spool")
-    ledger = open_ledger(url, **options)
+    ledger = open_ledger(url, **ledger_options(config, data_dir))
     prices = PriceBook.load(pricing_path(config))
     core = MeteringCore.from_config(settings, telemetry, ledger=ledger, pricebook=prices)
     routers = []
