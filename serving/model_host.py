@@ -20,7 +20,7 @@ from typing import Any
 
 from models.base import ModelAdapter, ModelError, TokenCount
 from serving.codecs import Codec, codec_for_kind
-from serving.errors import ServingError
+from serving.errors import ServingError, unknown_model
 
 __all__ = ["ModelHost", "ServedModel"]
 
@@ -139,10 +139,7 @@ class ModelHost:
         try:
             return self._models[name]
         except KeyError:
-            served = ", ".join(self._models) or "none"
-            raise ServingError(
-                "not_found", f"unknown model {name!r}; this server serves: {served}"
-            ) from None
+            raise unknown_model(name, self._models) from None
 
     def default_name(self) -> str | None:
         """The model an unnamed pipeline request goes to: the first configured one."""
