@@ -11,6 +11,10 @@ OTel SDK specification has environment variables configure a deployed SDK:
 {ENDPOINT,PROTOCOL,HEADERS,TIMEOUT}``, ``OTEL_SERVICE_NAME``, ``OTEL_METRIC_EXPORT_INTERVAL``.
 Setting ``OTEL_EXPORTER_OTLP_ENDPOINT`` alone turns OTLP export on.
 Queue sizes of the batch span processor come from ``OTEL_BSP_*`` through the SDK itself.
+
+``TelemetryConfig.fast_path`` (default True) picks the fast paths of
+exporters/otel_fastpath.py (wire-encoded OTLP/gRPC spans here; pre-aggregated metric
+instruments in the metering core); False is the stock SDK path everywhere.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Tracer
 
+from exporters.otel_fastpath import latest_only_prometheus_reader, wire_encoded_span_exporter
 from exporters.otlp_wire import SpanWireEncoder
 
-__all__ = ["Telemetry", "TelemetryConfig", "setup_telemetry"]
+__all__ = ["Telemetry", "TelemetryConfig", "package_version", "setup_telemetry"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,10 @@ _FILE_KEYS: dict[str, tuple[str, float]] = {
 }
 
 
-def _package_version() -> str:
+def package_version() -> str:
+    """The installed paddle-meter version (the resource's ``service.version``), ``0.0.0``
+    from a source tree that is not installed. Read here, not from serving/version.py
+    (the server's own home of it), because exporters never import serving."""
     try:
         from importlib.metadata import version
 
@@ -104,9 +112,11 @@ class TelemetryConfig:
     timeout_s: float = 10.0
     export_interval_ms: int = 60_000
     service_name: str = SERVICE_NAME
-    service_version: str = dataclasses.field(default_factory=_package_version)
+    service_version: str = dataclasses.field(default_factory=package_version)
     service_instance_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     prometheus: bool = True
+    # Not a config-file key: the stock SDK path (False) is for tests and comparisons.
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         if self.exporter not in _EXPORTERS:
@@ -202,21 +212,8 @@ def _otlp_exporters(cfg: TelemetryConfig) -> tuple[SpanExporter, Any]:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     span_class: type = OTLPSpanExporter
-    if cfg.protocol == "grpc":
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceRequest,
-        )
-
-        class WireEncodedSpanExporter(OTLPSpanExporter):  # type: ignore[misc, valid-type]
-            """The stock OTLP/gRPC span exporter with :class:`SpanWireEncoder` encoding."""
-
-            _wire = SpanWireEncoder()
-
-            def _translate_data(self, data: Sequence[Any]) -> Any:
-                # Parsing our bytes is C work (upb): far cheaper than building the message.
-                return ExportTraceServiceRequest.FromString(self._wire.encode(data))
-
-        span_class = WireEncodedSpanExporter
+    if cfg.protocol == "grpc" and cfg.fast_path:
+        span_class = wire_encoded_span_exporter(OTLPSpanExporter, SpanWireEncoder().encode)
     spans = span_class(
         endpoint=cfg.signal_endpoint("traces"), headers=headers, timeout=cfg.timeout_s
     )
@@ -234,6 +231,7 @@ class Telemetry:
 
     Built by :func:`setup_telemetry`. ``tracer`` and ``meter`` are what the metering core
     uses; :meth:`render_metrics` serves ``GET /metrics`` from the same instruments.
+    ``span_exporter`` is the configured span exporter (None with exporter ``none``).
     """
 
     def __init__(
@@ -243,8 +241,10 @@ class Telemetry:
         meter_provider: MeterProvider,
         prometheus_registry: Any | None,
         metric_readers: Sequence[MetricReader] = (),
+        span_exporter: SpanExporter | None = None,
     ) -> None:
         self.config = cfg
+        self.span_exporter = span_exporter
         # Every reader of meter_provider and the scope of ``meter``: the metering core
         # aggregates its hottest histogram itself and hands it to these readers.
         self.metric_readers: tuple[MetricReader, ...] = tuple(metric_readers)
@@ -270,23 +270,6 @@ class Telemetry:
             return b"# prometheus exposition is turned off\n", CONTENT_TYPE_LATEST
         return generate_latest(self._registry), CONTENT_TYPE_LATEST
 
-    def metrics_app(self) -> Any:
-        """A tiny ASGI app answering ``GET`` with :meth:`render_metrics`."""
-
-        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-            if scope["type"] != "http":
-                return
-            if scope.get("method") not in ("GET", "HEAD"):
-                await send({"type": "http.response.start", "status": 405, "headers": []})
-                await send({"type": "http.response.body", "body": b""})
-                return
-            body, content_type = self.render_metrics()
-            headers = [(b"content-type", content_type.encode("latin-1"))]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-
-        return app
-
     def force_flush(self, timeout_s: float = 10.0) -> bool:
         """Export everything pending; False when an exporter timed out."""
         millis = int(timeout_s * 1000)
@@ -305,24 +288,6 @@ class Telemetry:
                 provider.shutdown()
             except Exception:  # a collector that is down must not stop shutdown
                 log.warning("telemetry provider shutdown failed", exc_info=True)
-
-
-def _latest_only(reader_class: type) -> type:
-    """PrometheusMetricReader that keeps only the newest collection until a scrape.
-
-    Upstream queues every collection (MeterProvider.force_flush collects from all
-    readers) and a scrape then renders each queued copy: the same series appears once per
-    flush. Our temporality is cumulative, so the newest collection is the whole truth.
-    """
-
-    class LatestOnlyPrometheusReader(reader_class):  # type: ignore[misc, valid-type]
-        def _receive_metrics(self, metrics_data: Any, *args: Any, **kwargs: Any) -> None:
-            pending = getattr(getattr(self, "_collector", None), "_metrics_datas", None)
-            if metrics_data is not None and pending is not None:
-                pending.clear()
-            super()._receive_metrics(metrics_data, *args, **kwargs)
-
-    return LatestOnlyPrometheusReader
 
 
 def setup_telemetry(
@@ -349,6 +314,7 @@ def setup_telemetry(
     )
     tracer_provider = TracerProvider(resource=resource)
     readers: list[MetricReader] = list(metric_readers)
+    span_exporter: SpanExporter | None = None
     if cfg.exporter == "otlp":
         span_exporter, metric_exporter = _otlp_exporters(cfg)
         tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
@@ -358,7 +324,8 @@ def setup_telemetry(
             )
         )
     elif cfg.exporter == "console":
-        tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        span_exporter = ConsoleSpanExporter()
+        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
         readers.append(
             PeriodicExportingMetricReader(
                 ConsoleMetricExporter(preferred_temporality=_CUMULATIVE),
@@ -375,6 +342,6 @@ def setup_telemetry(
         # A private registry: the global one would collide between providers (tests,
         # two servers in one process) and leak python_gc_* collectors into our output.
         registry = CollectorRegistry(auto_describe=True)
-        readers.append(_latest_only(PrometheusMetricReader)(registry=registry))
+        readers.append(latest_only_prometheus_reader(PrometheusMetricReader)(registry=registry))
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
-    return Telemetry(cfg, tracer_provider, meter_provider, registry, readers)
+    return Telemetry(cfg, tracer_provider, meter_provider, registry, readers, span_exporter)

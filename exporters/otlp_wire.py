@@ -5,7 +5,9 @@ json.dumps) for every span. ``SpanWireEncoder`` writes the wire format directly,
 the Resource and scope once per process, and caches each (key, value) attribute's bytes
 (most are per-method constants); spans with events, links or non-scalar attributes go
 through the SDK's own per-span encoder. tests/test_otlp_wire.py checks its output equals
-the SDK's ``encode_spans``. Used from the batch span processor's worker thread.
+the SDK's ``encode_spans``. Used from the batch span processor's worker thread, through
+:func:`exporters.otel_fastpath.wire_encoded_span_exporter`; the SDK encoders it builds on
+come from :func:`exporters.otel_fastpath.sdk_span_encoders` (the home of SDK private names).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from typing import Any
+
+from exporters.otel_fastpath import SdkSpanEncoders, sdk_span_encoders
 
 __all__ = ["SpanWireEncoder"]
 
@@ -40,21 +44,13 @@ class SpanWireEncoder:
     """``encode(spans) -> bytes`` of an ExportTraceServiceRequest, same content as the SDK's
     ``encode_spans``; one per exporter, used from the batch processor's worker thread."""
 
-    def __init__(self) -> None:
-        from opentelemetry.exporter.otlp.proto.common._internal import (
-            _encode_instrumentation_scope,
-            _encode_resource,
-        )
-        from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import (
-            _SPAN_KIND_MAP,
-            _encode_span,
-        )
-
-        self._encode_scope = _encode_instrumentation_scope
-        self._encode_resource = _encode_resource
-        self._sdk_span = _encode_span
+    def __init__(self, sdk: SdkSpanEncoders | None = None) -> None:
+        sdk = sdk if sdk is not None else sdk_span_encoders()
+        self._encode_scope = sdk.encode_scope
+        self._encode_resource = sdk.encode_resource
+        self._sdk_span = sdk.encode_span
         self._kinds = {
-            kind: _varint(6 << 3) + _varint(value) for kind, value in _SPAN_KIND_MAP.items()
+            kind: _varint(6 << 3) + _varint(value) for kind, value in sdk.span_kinds.items()
         }
         # id() -> (object, encoded bytes): the object is held so its id is never reused.
         self._resources: dict[int, tuple[Any, bytes]] = {}

@@ -32,7 +32,7 @@ PADDLE_METER_PRICE_ID: Final = "paddle_meter.price_id"
 PADDLE_METER_MODEL_VERSION: Final = "paddle_meter.model_version"
 PADDLE_METER_PROTOCOL: Final = "paddle_meter.protocol"
 PADDLE_METER_APP_STATUS: Final = "paddle_meter.app_status"
-# Metric attribute of paddle_meter.requests: "ok" or the error code (DESIGN.md `status`).
+# Metric attribute of paddle_meter.requests: "ok" or the error code (docs/design.md `status`).
 PADDLE_METER_STATUS: Final = "status"
 
 # --- standard RPC / HTTP / server semantic conventions ---------------------------------
@@ -50,7 +50,7 @@ SERVER_ADDRESS: Final = "server.address"
 SERVER_PORT: Final = "server.port"
 ERROR_TYPE: Final = "error.type"
 
-# --- metric names (unit in the comment, as DESIGN.md) -----------------------------------
+# --- metric names (unit in the comment, as docs/design.md) -----------------------------
 METRIC_TOKENS: Final = "paddle_meter.tokens"  # {token}
 METRIC_REQUESTS: Final = "paddle_meter.requests"  # {request}
 METRIC_GEN_AI_SERVER_REQUEST_DURATION: Final = "gen_ai.server.request.duration"  # s
@@ -80,12 +80,38 @@ HEADER_TENANT: Final = "x-tenant"
 # --- histogram bucket boundaries ---------------------------------------------------------
 # The GenAI semantic conventions' advice for gen_ai.server.request.duration.
 GEN_AI_DURATION_BUCKETS: Final[tuple[float, ...]] = (
-    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.16,
+    0.32,
+    0.64,
+    1.28,
+    2.56,
+    5.12,
+    10.24,
+    20.48,
+    40.96,
+    81.92,
 )
 # OTel's recommended boundaries for http.server.request.duration, also used for
 # rpc.server.call.duration so both transports' latency panels line up.
 TRANSPORT_DURATION_BUCKETS: Final[tuple[float, ...]] = (
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
 )
 # Message sizes: powers of 4 from 64 B to 64 MiB (64 * 4**k, k = 0..10). Covers a tiny
 # OIP health message up to a large scanned page at a constant relative resolution with
@@ -96,7 +122,3 @@ SIZE_BUCKETS: Final[tuple[float, ...]] = tuple(float(64 * 4**k) for k in range(1
 DEFAULT_TENANT_CAP: Final = 100
 TENANT_OVERFLOW: Final = "_other"
 DEFAULT_TENANT: Final = "default"
-
-# Operations that are never billed: such calls get spans and metrics, no ledger record.
-# "tokenize": the counting service estimates cost before a call; it must not cost anything.
-NON_BILLABLE_OPERATIONS: Final = frozenset({"health", "reflection", "metadata", "tokenize"})

@@ -1,7 +1,8 @@
 """The usage record: one per request, the unit the ledger stores and bills.
 
-Field names are the ledger columns of docs/design.md. Built by the metering core
-(interceptors/core.py) once a request has finished; priced by billing/pricing.py.
+Field names are the ledger columns of docs/design.md ("Usage record"). Built by the
+metering core (interceptors/record.py) once a request has finished; priced by
+billing/pricing.py (applied in interceptors/billing_policy.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Transport metering: one core, a grpc.aio interceptor and a pure ASGI middleware.
 
-Wiring (serving/ builds these once per process)::
+Wiring (serving/metering_setup.py builds these once per process)::
 
     telemetry = setup_telemetry(TelemetryConfig.from_mapping(config["telemetry"]))
     core = MeteringCore.from_config(config["metering"], telemetry, ledger=sink,
@@ -10,6 +10,12 @@ Wiring (serving/ builds these once per process)::
     # GET /metrics: telemetry.render_metrics() -> (body, content_type)
     # shutdown: core.close(); telemetry.shutdown(); then the ledger's shutdown()
 
+Modules: core.py (the core, opening calls), call.py (one call's lifecycle), request_id.py
+(id policy), billing_policy.py (what is billed, pricing, failing closed), record.py (the
+usage record), telemetry_out.py (span attributes and metrics), response_meta.py (usage
+headers / trailers), instruments.py (metric instruments, tenant-label cap), grpc_aio.py
+and asgi.py (the transports).
+
 Contract with the frontends (serving/):
 
 - The transport layer opens one metered call per request, creates a
@@ -17,13 +23,19 @@ Contract with the frontends (serving/):
   together with the server span as the current OTel span. ``asyncio.to_thread`` copies
   the context, so inference in a worker thread sees the same RequestUsage and its
   ``stage()`` spans are children of the server span.
-- Frontends set on ``current_usage()``, as their first step (before validating, so a
-  failed model call is still recorded with zero billable tokens): ``model``,
-  ``model_version``, ``operation`` (``ocr`` / ``text_classification`` / ``embeddings``;
-  ``health`` / ``metadata`` for liveness, readiness and metadata calls); ``request_id``
-  when the protocol body carries one (pipeline ``logid`` when non-zero, OIP ``id`` when
-  non-empty). An ``x-request-id`` header/metadata wins over it; with neither, a UUID4 hex
-  is generated. Ids must match ``[A-Za-z0-9._:-]{1,128}`` or they are replaced.
+- Model calls set on ``current_usage()`` (serving/dispatch.py, as its first step, before
+  validating, so a failed model call is still recorded with zero billable tokens):
+  ``model``, ``model_version``, ``operation`` (the served model's: ``ocr`` /
+  ``text_classification`` / ``embeddings``; ``tokenize`` for token counting);
+  ``request_id`` when the protocol body carries one (pipeline ``logid`` when non-zero,
+  OIP ``id`` when non-empty). An ``x-request-id`` header/metadata wins over it; with
+  neither, a UUID4 hex is generated. Ids must match ``[A-Za-z0-9._:-]{1,128}`` or they
+  are replaced.
+- Liveness, readiness and metadata calls (OIP ServerLive / ServerReady / ModelReady /
+  ServerMetadata / ModelMetadata) set nothing: no model, so no ledger record and no
+  usage headers. gRPC health and reflection services get operation ``health`` /
+  ``reflection`` from the interceptor itself. The ASGI middleware does not meter
+  ``/metrics``, ``/v2/health/*`` or ``/favicon.ico`` at all (``default_skip``).
 - ``app_status`` (e.g. ``"err_no=3002"``) when the transport succeeded but the
   application failed (pipeline answers HTTP 200 / gRPC OK with err_no != 0): the call
   counts as an error with zero billable tokens and that status.
@@ -32,9 +44,8 @@ Contract with the frontends (serving/):
   ``record_content`` on. Model adapters add input/output tokens, characters, images,
   truncated through ``RequestUsage.add`` / ``report_usage``.
 - A call goes to the ledger only when ``usage.model`` is set and ``operation`` is not
-  ``health`` / ``reflection`` / ``metadata``: bills only carry model calls. Every
-  metered call gets a span and metrics. gRPC health/reflection services are labelled by
-  the interceptor itself.
+  ``health`` / ``reflection`` / ``metadata`` / ``tokenize`` (billing_policy.py): bills
+  only carry model calls. Every metered call gets a span and metrics.
 - The usage record is written (``await ledger.submit``) before the response leaves. If
   the ledger cannot make it durable the request fails: gRPC UNAVAILABLE / HTTP 503 with
   "usage could not be recorded; retry with the same x-request-id". Any other failure
@@ -54,12 +65,9 @@ Contract with the frontends (serving/):
 """
 
 from interceptors.asgi import MeteringMiddleware, default_skip
-from interceptors.core import (
-    LEDGER_FAILURE_MESSAGE,
-    MeteredCall,
-    MeteringCore,
-    default_tenant_resolver,
-)
+from interceptors.billing_policy import LEDGER_FAILURE_MESSAGE
+from interceptors.call import MeteredCall
+from interceptors.core import MeteringCore, default_tenant_resolver
 from interceptors.grpc_aio import MeteringServerInterceptor
 
 __all__ = [

@@ -16,7 +16,9 @@ from typing import Any
 
 from exporters import semconv as sc
 from exporters.ledger.base import LedgerWriteError
-from interceptors.core import LEDGER_FAILURE_MESSAGE, MeteredCall, MeteringCore
+from interceptors.billing_policy import LEDGER_FAILURE_MESSAGE
+from interceptors.call import MeteredCall
+from interceptors.core import MeteringCore
 
 __all__ = ["MeteringMiddleware", "default_skip"]
 
@@ -102,8 +104,11 @@ class MeteringMiddleware:
                 attrs[sc.SERVER_PORT] = server[1]
         try:
             call = self.core.start_call(
-                protocol="http", endpoint=path, span_name=f"{method} {path}",
-                carrier=carrier, attributes=attrs,
+                protocol="http",
+                endpoint=path,
+                span_name=f"{method} {path}",
+                carrier=carrier,
+                attributes=attrs,
             )
         except Exception as exc:  # metering must not fail the request: serve unmetered
             self.core.count_error("start", exc)
@@ -122,8 +127,13 @@ class MeteringMiddleware:
             raise error
 
     async def _finish(
-        self, scope: Scope, call: MeteredCall, responder: _Responder, attrs: dict[str, Any],
-        carrier: dict[str, str], error: BaseException | None,
+        self,
+        scope: Scope,
+        call: MeteredCall,
+        responder: _Responder,
+        attrs: dict[str, Any],
+        carrier: dict[str, str],
+        error: BaseException | None,
     ) -> None:
         route = getattr(scope.get("route"), "path", None)
         if route:
@@ -146,8 +156,11 @@ class MeteringMiddleware:
             message = "application sent no complete response"
         try:
             await call.finish(
-                ok=status < 400, status=str(status), error_message=message,
-                request_bytes=request_bytes, response_bytes=len(body),
+                ok=status < 400,
+                status=str(status),
+                error_message=message,
+                request_bytes=request_bytes,
+                response_bytes=len(body),
                 transport_attributes=attrs,
             )
         except LedgerWriteError:
@@ -162,16 +175,23 @@ class MeteringMiddleware:
 
     @staticmethod
     async def _send(
-        send: Send, call: MeteredCall, start: Message | None, status: int, body: bytes,
+        send: Send,
+        call: MeteredCall,
+        start: Message | None,
+        status: int,
+        body: bytes,
         content_type: bytes | None,
     ) -> None:
         headers = [
-            (k, v) for k, v in (start.get("headers") or () if start is not None else ())
+            (k, v)
+            for k, v in (start.get("headers") or () if start is not None else ())
             if k.decode("latin-1").lower() not in _USAGE_HEADERS
         ]
         if content_type is not None:
-            headers = [(b"content-type", content_type),
-                       (b"content-length", str(len(body)).encode())]
+            headers = [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+            ]
         headers += [(k.encode(), v.encode()) for k, v in call.response_metadata()]
         response_start = dict(start) if start is not None else {"type": "http.response.start"}
         response_start["status"] = status

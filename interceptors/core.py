@@ -2,10 +2,12 @@
 
 The gRPC interceptor (interceptors/grpc_aio.py) and the ASGI middleware
 (interceptors/asgi.py) translate transport details into :meth:`MeteringCore.start_call`
-and :meth:`MeteredCall.finish`; everything else lives here and in interceptors/call.py:
-W3C context extraction, the SERVER span, the per-request
-:class:`models.usage.RequestUsage`, stage child spans, the metrics, the
-:class:`exporters.usage_record.UsageRecord` and its durable ledger write.
+and :meth:`MeteredCall.finish`. Here: the process-wide pieces (tenant resolution, the
+instruments and tenant-label cap, the stage hook that makes model stages child spans,
+error counting) and opening a call (W3C context extraction, the SERVER span, the
+per-request :class:`models.usage.RequestUsage`). Finishing a call (record, ledger write,
+span attributes, metrics, response metadata) is interceptors/call.py and the modules it
+names; the billing rules are interceptors/billing_policy.py.
 
 Failure policy (billing truth is the ledger):
 - the ledger write happens inside ``finish``, before the response leaves. If the record
@@ -34,8 +36,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from exporters import semconv as sc
 from exporters.ledger.base import UsageSink
 from exporters.otel import Telemetry
-from interceptors._instruments import Instruments, TenantCap
-from interceptors.call import LEDGER_FAILURE_MESSAGE, REQUEST_ID_PATTERN, MeteredCall
+from interceptors.billing_policy import LEDGER_FAILURE_MESSAGE
+from interceptors.call import MeteredCall
+from interceptors.instruments import Instruments, TenantCap
+from interceptors.request_id import carried_request_id
 from models import usage as usage_mod
 from models.usage import RequestUsage
 
@@ -48,6 +52,10 @@ _NO_PARENT = Context()
 _BAGGAGE = W3CBaggagePropagator()
 _TENANT = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 _CORE_OPTIONS = ("enabled", "record_content", "max_tenants_in_metrics")
+# The stage hook models.usage holds is process-global; this remembers which core's hook
+# it is, so close() never removes the hook of a newer core. (models.usage offers no
+# getter; hooks installed by code other than a MeteringCore are not tracked.)
+_stage_hook_owner: MeteringCore | None = None
 
 
 def default_tenant_resolver(carrier: Mapping[str, str]) -> str:
@@ -66,6 +74,7 @@ class MeteringCore:
     ``enabled=False`` (config ``metering.enabled: false``) makes transports pass calls straight
     through: no span, no record, no stage hook. The stage hook is process-global
     (models.usage), so the most recently built enabled core owns it until :meth:`close`.
+    ``tenant_labels`` maps tenants to metric labels (capped at ``tenant_cap``).
     """
 
     def __init__(
@@ -87,12 +96,12 @@ class MeteringCore:
         self.pricebook = pricebook
         self.record_content = record_content
         self._resolve_tenant = tenant_resolver
-        self._tenants = TenantCap(tenant_cap)
+        self.tenant_labels = TenantCap(tenant_cap)
         if enabled:
             assert telemetry is not None
             self.tracer = telemetry.tracer
-            self.instruments = Instruments(telemetry.meter, telemetry)
-            usage_mod.set_stage_factory(self._stage)
+            self.instruments = Instruments(telemetry)
+            self._own_stage_hook()
 
     @classmethod
     def from_config(
@@ -123,11 +132,16 @@ class MeteringCore:
         )
 
     def close(self) -> None:
-        """Remove the stage hook if this core installed it; idempotent."""
-        # models.usage has no getter for the hook; reading its module state is the one
-        # way to avoid removing a hook a newer core installed.
-        if self.enabled and usage_mod._stage_factory == self._stage:
+        """Remove the stage hook if this core installed the current one; idempotent."""
+        global _stage_hook_owner
+        if self.enabled and _stage_hook_owner is self:
+            _stage_hook_owner = None
             usage_mod.set_stage_factory(None)
+
+    def _own_stage_hook(self) -> None:
+        global _stage_hook_owner
+        usage_mod.set_stage_factory(self._stage)
+        _stage_hook_owner = self
 
     def start_call(
         self,
@@ -153,11 +167,14 @@ class MeteringCore:
         )
         usage = RequestUsage(operation=operation)
         usage.trace_link = span.get_span_context()
-        header_id = carrier.get(sc.HEADER_REQUEST_ID)
-        if header_id is not None and not REQUEST_ID_PATTERN.match(header_id):
-            header_id = None
         return MeteredCall(
-            self, protocol, endpoint, span, usage, header_id, self._resolve_tenant(carrier),
+            self,
+            protocol,
+            endpoint,
+            span,
+            usage,
+            carried_request_id(carrier),
+            self._resolve_tenant(carrier),
             dict(attributes),  # a copy: transports may keep adding to theirs
         )
 

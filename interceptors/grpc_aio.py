@@ -28,7 +28,9 @@ import grpc.aio
 
 from exporters import semconv as sc
 from exporters.ledger.base import LedgerWriteError
-from interceptors.core import LEDGER_FAILURE_MESSAGE, MeteredCall, MeteringCore
+from interceptors.billing_policy import LEDGER_FAILURE_MESSAGE
+from interceptors.call import MeteredCall
+from interceptors.core import MeteringCore
 
 __all__ = ["MeteringServerInterceptor"]
 
@@ -107,7 +109,10 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(
-        self, core: MeteringCore, *, server_address: str | None = None,
+        self,
+        core: MeteringCore,
+        *,
+        server_address: str | None = None,
         server_port: int | None = None,
     ) -> None:
         self._core = core
@@ -155,8 +160,11 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
 
         def start(context: grpc.aio.ServicerContext) -> MeteredCall:
             return self._core.start_call(
-                protocol="grpc", endpoint=method, span_name=method.lstrip("/"),
-                carrier=_carrier(context.invocation_metadata()), attributes=attrs,
+                protocol="grpc",
+                endpoint=method,
+                span_name=method.lstrip("/"),
+                carrier=_carrier(context.invocation_metadata()),
+                attributes=attrs,
                 operation=operation,
             )
 
@@ -179,41 +187,63 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
         elif handler.response_streaming:
             inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
             behavior = self._response_stream(inner, start, attrs, serialize)
-            factory = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
-                       else grpc.unary_stream_rpc_method_handler)
+            factory = (
+                grpc.stream_stream_rpc_method_handler
+                if handler.request_streaming
+                else grpc.unary_stream_rpc_method_handler
+            )
         else:
             behavior = self._unary(handler.stream_unary, start, attrs, serialize)
             factory = grpc.stream_unary_rpc_method_handler
         return factory(
             behavior,
             # Client streams would leave unread sizes behind: not measured (documented).
-            request_deserializer=(handler.request_deserializer if handler.request_streaming
-                                  else measuring_deserializer),
+            request_deserializer=(
+                handler.request_deserializer
+                if handler.request_streaming
+                else measuring_deserializer
+            ),
             response_serializer=reusing_serializer,
         )
 
     async def _finish(
-        self, call: MeteredCall, ctx: _MeteringContext, attrs: dict[str, Any],
-        code: grpc.StatusCode, details: str | None, request_bytes: int, response_bytes: int,
+        self,
+        call: MeteredCall,
+        context: grpc.aio.ServicerContext,
+        ctx: _MeteringContext,
+        attrs: dict[str, Any],
+        code: grpc.StatusCode,
+        details: str | None,
+        request_bytes: int,
+        response_bytes: int,
     ) -> tuple[bool, tuple[tuple[str, Any], ...]]:
         """Finish the call and set trailers; (False, ...) when the ledger refused it."""
         written = True
         try:
             await call.finish(
-                ok=code == grpc.StatusCode.OK, status=code.name, error_message=details,
-                request_bytes=request_bytes, response_bytes=response_bytes,
-                transport_attributes=(attrs if sc.RPC_GRPC_STATUS_CODE in attrs
-                                      else {**attrs, sc.RPC_GRPC_STATUS_CODE: code.value[0]}),
+                ok=code == grpc.StatusCode.OK,
+                status=code.name,
+                error_message=details,
+                request_bytes=request_bytes,
+                response_bytes=response_bytes,
+                transport_attributes=(
+                    attrs
+                    if sc.RPC_GRPC_STATUS_CODE in attrs
+                    else {**attrs, sc.RPC_GRPC_STATUS_CODE: code.value[0]}
+                ),
             )
         except LedgerWriteError:
             written = False
         trailers = ctx.trailing + tuple(call.response_metadata())
         if trailers:  # nothing to send for most non-model calls: skip grpc's metadata work
-            ctx._context.set_trailing_metadata(trailers)
+            context.set_trailing_metadata(trailers)
         return written, trailers
 
     async def _cancelled(
-        self, call: MeteredCall, ctx: _MeteringContext, attrs: dict[str, Any],
+        self,
+        call: MeteredCall,
+        ctx: _MeteringContext,
+        attrs: dict[str, Any],
         request_bytes: int,
     ) -> None:
         """The client went away (or the deadline passed): record it, send nothing."""
@@ -221,14 +251,19 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
         # Nothing was served, so a refused record leaves nothing unbilled.
         with contextlib.suppress(LedgerWriteError):
             await call.finish(
-                ok=False, status=code.name, error_message="cancelled",
+                ok=False,
+                status=code.name,
+                error_message="cancelled",
                 request_bytes=request_bytes,
                 transport_attributes={**attrs, sc.RPC_GRPC_STATUS_CODE: code.value[0]},
             )
 
     def _unary(
-        self, behavior: Callable[..., Any], start: Callable[[grpc.aio.ServicerContext], MeteredCall],
-        attrs: dict[str, Any], serialize: Callable[[Any], bytes],
+        self,
+        behavior: Callable[..., Any],
+        start: Callable[[grpc.aio.ServicerContext], MeteredCall],
+        attrs: dict[str, Any],
+        serialize: Callable[[Any], bytes],
     ) -> Callable[..., Awaitable[Any]]:
         sizes = self._sizes
         is_async = inspect.iscoroutinefunction(behavior)  # once per method, not per call
@@ -266,7 +301,13 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
             if final_attrs is None:
                 final_attrs = by_code[code] = {**attrs, sc.RPC_GRPC_STATUS_CODE: code.value[0]}
             written, trailers = await self._finish(
-                call, ctx, final_attrs, code, ctx.details, request_bytes,
+                call,
+                context,
+                ctx,
+                final_attrs,
+                code,
+                ctx.details,
+                request_bytes,
                 len(payload) if payload is not None else 0,
             )
             await _conclude(context, written, trailers, error, aborted, code, ctx.details)
@@ -275,8 +316,11 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
         return metered_unary
 
     def _response_stream(
-        self, behavior: Callable[..., Any], start: Callable[[grpc.aio.ServicerContext], MeteredCall],
-        attrs: dict[str, Any], serialize: Callable[[Any], bytes],
+        self,
+        behavior: Callable[..., Any],
+        start: Callable[[grpc.aio.ServicerContext], MeteredCall],
+        attrs: dict[str, Any],
+        serialize: Callable[[Any], bytes],
     ) -> Callable[..., AsyncIterator[Any]]:
         sizes = self._sizes
 
@@ -314,7 +358,7 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
                 ctx.details = f"Unexpected {type(exc).__name__}"
                 call.span.record_exception(exc)
             written, trailers = await self._finish(
-                call, ctx, attrs, code, ctx.details, request_bytes, response_bytes
+                call, context, ctx, attrs, code, ctx.details, request_bytes, response_bytes
             )
             await _conclude(context, written, trailers, error, aborted, code, ctx.details)
 
@@ -322,8 +366,13 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _conclude(
-    context: grpc.aio.ServicerContext, written: bool, trailers: Any, error: BaseException | None,
-    aborted: bool, code: grpc.StatusCode, details: str | None,
+    context: grpc.aio.ServicerContext,
+    written: bool,
+    trailers: Any,
+    error: BaseException | None,
+    aborted: bool,
+    code: grpc.StatusCode,
+    details: str | None,
 ) -> None:
     """After metering finished: fail an unrecorded call, re-raise, or re-abort as the handler did."""
     if not written:
