@@ -72,7 +72,7 @@ def test_words_on_one_line_read_left_to_right(adapter: OcrAdapter) -> None:
     assert result.lines[0]["box"][0][0] < result.lines[1]["box"][0][0]
 
 
-def test_rotated_line_needs_the_direction_classifier() -> None:
+def test_rotated_line_needs_the_direction_classifier(adapter: OcrAdapter) -> None:
     item = CORPUS["rotated_180"]
     no_cls = OcrAdapter("ocr-nocls", {"use_cls": False, "pool_size": 1})
     no_cls.load()
@@ -81,7 +81,11 @@ def test_rotated_line_needs_the_direction_classifier() -> None:
     finally:
         no_cls.close()
     texts = _texts(result)
+    assert isinstance(result, OcrResult)
     assert not (len(texts) == 1 and same_text(texts[0], item.lines[0])), texts
+    # ... and it is the classifier that makes the difference: with it, the line reads right.
+    [with_cls] = adapter.infer([item.data])
+    _assert_reads(with_cls, item.lines)
 
 
 def test_jpeg_and_grayscale_and_transparent_png(adapter: OcrAdapter) -> None:

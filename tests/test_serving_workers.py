@@ -40,6 +40,34 @@ def _fd_inodes(pid: int | str) -> set[str]:
     return found
 
 
+def _unread_bytes(ports: tuple[int, ...]) -> int:
+    """Bytes still queued on loopback connections to ``ports``: unsent by the client
+    (tx_queue of its socket) or unread by the server (rx_queue of the accepted socket)."""
+    table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    table += Path("/proc/net/tcp6").read_text().splitlines()[1:]
+    queued = 0
+    for line in table:
+        fields = line.split()
+        if fields[3] != _ESTABLISHED:
+            continue
+        local, remote = (int(f.split(":")[1], 16) for f in fields[1:3])
+        tx, rx = (int(q, 16) for q in fields[4].split(":"))
+        if remote in ports:  # the client's end
+            queued += tx
+        elif local in ports:  # the server's end
+            queued += rx
+    return queued
+
+
+def _wait_until(condition, what: str, timeout_s: float) -> None:
+    """Poll ``condition`` until it holds; fail the test if it does not within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g}s waiting for {what}")
+        time.sleep(0.05)
+
+
 def _listening_pids(port: int) -> set[int]:
     """PIDs holding a LISTEN socket on 127.0.0.1:port, read from /proc (no extra tools)."""
     inodes = _socket_inodes(port, _LISTEN)
@@ -56,11 +84,16 @@ def _accepted_connections(pids: set[int], ports: tuple[int, ...]) -> int:
 def two_workers(tmp_path_factory):
     server = ServerProcess(tmp_path_factory.mktemp("workers"), workers=2).start()
     # The first worker to load answers readiness; wait until the second listens too.
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if len(_listening_pids(server.http_port)) == 2 and len(_listening_pids(server.grpc_port)) == 2:
-            break
-        time.sleep(0.5)
+    try:
+        _wait_until(
+            lambda: len(_listening_pids(server.http_port)) == 2
+            and len(_listening_pids(server.grpc_port)) == 2,
+            "both workers to listen on both ports",
+            180,
+        )
+    except BaseException:
+        server.stop()
+        raise
     yield server
     server.stop()
 
@@ -81,12 +114,16 @@ def test_sigterm_with_requests_in_flight_loses_none(two_workers):
         # listener's backlog is reset by the kernel, which no server can prevent.
         workers = _listening_pids(two_workers.http_port)
         ports = (two_workers.http_port, two_workers.grpc_port)
-        deadline = time.monotonic() + 60
         # One connection per HTTP call; gRPC channels to one target share a connection.
         expected = sum(call in (ocr_oip_http, ocr_pipeline_http) for call in calls) + 1
-        while _accepted_connections(workers, ports) < expected and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # and their requests read and dispatched
+        _wait_until(
+            lambda: _accepted_connections(workers, ports) >= expected,
+            f"{expected} connections accepted by the workers",
+            60,
+        )
+        # ... and every request byte sent and read by a worker, so each call is in a
+        # worker's hands when SIGTERM arrives.
+        _wait_until(lambda: _unread_bytes(ports) == 0, "the workers to read every request", 60)
         two_workers.proc.send_signal(15)
         results = [f.result(timeout=120) for f in futures]
     for lines in results:
