@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Codec", "OutputTensor", "digest"]
+from serving.errors import ServingError
+
+__all__ = ["Codec", "OutputTensor", "digest", "require_pipeline_key"]
 
 
 @dataclasses.dataclass
@@ -26,6 +28,19 @@ def digest(payloads: Sequence[bytes]) -> str:
     for payload in payloads:
         h.update(payload)
     return h.hexdigest()
+
+
+def require_pipeline_key(
+    fields: Mapping[str, str], key: str, value_hint: str, extra: str = ""
+) -> str:
+    """The value of pipeline ``key``; else a ServingError saying what to send instead."""
+    if key not in fields:
+        raise ServingError(
+            "invalid_argument",
+            f"missing key {key!r}: send key [{key!r}] and value [{value_hint}]{extra}; "
+            f"keys received: {sorted(fields) or 'none'}",
+        )
+    return fields[key]
 
 
 class Codec(abc.ABC):

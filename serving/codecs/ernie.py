@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.codecs.base import Codec, OutputTensor
+from serving.codecs.base import Codec, OutputTensor, require_pipeline_key
 from serving.errors import ServingError
 
 __all__ = ["ErnieCodec"]
@@ -113,12 +113,7 @@ class ErnieCodec(Codec):
         ]
 
     def from_pipeline(self, fields: Mapping[str, str]) -> tuple[list[Any], list[bytes]]:
-        if "text" not in fields:
-            raise ServingError(
-                "invalid_argument",
-                "missing key 'text': send key ['text'] and value [the text] (optionally 'text_pair'); "
-                f"keys received: {sorted(fields) or 'none'}",
-            )
+        require_pipeline_key(fields, "text", "the text", " (optionally 'text_pair')")
         pair = fields.get("text_pair")
         pairs = [pair] if pair is not None else None
         return self._items([fields["text"]], pairs), [

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.codecs.base import Codec, OutputTensor
+from serving.codecs.base import Codec, OutputTensor, require_pipeline_key
 from serving.errors import ServingError
 
 __all__ = ["OcrCodec"]
@@ -78,13 +78,7 @@ class OcrCodec(Codec):
         return [OutputTensor("text", "BYTES", texts), OutputTensor("result", "BYTES", payloads)]
 
     def from_pipeline(self, fields: Mapping[str, str]) -> tuple[list[Any], list[bytes]]:
-        if "image" not in fields:
-            raise ServingError(
-                "invalid_argument",
-                "missing key 'image': send key ['image'] and value [base64 of the image file]; "
-                f"keys received: {sorted(fields) or 'none'}",
-            )
-        value = fields["image"]
+        value = require_pipeline_key(fields, "image", "base64 of the image file")
         if not value:
             raise ServingError(
                 "invalid_argument", "key 'image' is empty: send base64 of the image file"
