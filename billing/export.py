@@ -20,7 +20,7 @@ from typing import Any
 from billing.output import private_output
 from billing.report import parse_bound
 from exporters.ledger.reader import LedgerReader
-from exporters.ledger.schema import RAW_COLUMNS, row_to_record
+from exporters.ledger.schema import RAW_COLUMNS, USAGE_COUNTS, row_to_record
 from exporters.usage_record import LEDGER_COLUMNS, UsageRecord
 
 __all__ = ["EXPORT_FORMATS", "export_records", "iter_records"]
@@ -28,15 +28,7 @@ __all__ = ["EXPORT_FORMATS", "export_records", "iter_records"]
 EXPORT_FORMATS = ("jsonl", "csv", "parquet", "xlsx")
 _XLSX_MAX_ROWS = 1_048_575  # Excel's sheet limit minus the header
 _ROW_GROUP = 100_000
-_INT = {
-    "input_tokens",
-    "output_tokens",
-    "characters",
-    "images",
-    "billable_tokens",
-    "request_bytes",
-    "response_bytes",
-}
+_INT = frozenset(USAGE_COUNTS)
 
 
 def _where(tenant: str | None, model: str | None) -> str:

@@ -27,6 +27,7 @@ __all__ = [
     "RAW_COLUMNS",
     "ROLLUP_KEYS",
     "ROLLUP_SUMS",
+    "USAGE_COUNTS",
     "SCHEMA_VERSION",
     "cost_to_micros",
     "migrate",
@@ -38,7 +39,8 @@ __all__ = [
     "status_class",
 ]
 
-_INT_COLUMNS = {
+# The per-record counts that are summed into bills and rollups, in column order.
+USAGE_COUNTS: tuple[str, ...] = (
     "input_tokens",
     "output_tokens",
     "characters",
@@ -46,22 +48,11 @@ _INT_COLUMNS = {
     "billable_tokens",
     "request_bytes",
     "response_bytes",
-    "truncated",
-    "cost_micros",
-}
+)
+_INT_COLUMNS = {*USAGE_COUNTS, "truncated", "cost_micros"}
 RAW_COLUMNS: tuple[str, ...] = (*LEDGER_COLUMNS, "cost_micros")
 ROLLUP_KEYS: tuple[str, ...] = ("minute", "tenant", "model", "operation", "status_class")
-ROLLUP_SUMS: tuple[str, ...] = (
-    "requests",
-    "input_tokens",
-    "output_tokens",
-    "characters",
-    "images",
-    "billable_tokens",
-    "request_bytes",
-    "response_bytes",
-    "cost_micros",
-)
+ROLLUP_SUMS: tuple[str, ...] = ("requests", *USAGE_COUNTS, "cost_micros")
 _MICRO = Decimal("0.000001")
 
 
