@@ -87,7 +87,8 @@ def add_subcommands(subparsers: Any, *, default_ledger: str | None = None) -> No
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
     status = ledger_sub.add_parser(
         "status",
-        help="records, schema version, spool and quarantine of the ledger (password redacted)",
+        help="records, schema version, replays, spool, quarantine and conflicts of the ledger "
+        "(password redacted)",
     )
     status.add_argument(
         "--ledger",
@@ -174,11 +175,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_ledger_status(args: argparse.Namespace) -> int:
     from exporters.ledger.dsn import redact_dsn
     from exporters.ledger.reader import parse_ledger_url
-    from exporters.ledger.spool import QUARANTINE_NAME, count_lines, default_spool_dir
+    from exporters.ledger.spool import (
+        CONFLICTS_NAME,
+        QUARANTINE_NAME,
+        count_lines,
+        default_spool_dir,
+    )
 
     reader = _reader(args)
     kind, target = parse_ledger_url(reader.target)
-    records = reader.fetch_all("SELECT COUNT(*) FROM usage_records")[0][0]
+    # records: every row (failed attempts too); billed: the ok records, one per
+    # (tenant, request_id); replays: retries of a billed request with the same payload.
+    records, billed = reader.fetch_all(
+        "SELECT COUNT(*), SUM(CASE WHEN status = 'ok' THEN 1 ELSE 0 END) FROM usage_records"
+    )[0]
+    replayed, replays = reader.fetch_all(
+        "SELECT COUNT(*), SUM(replays) FROM request_replays"
+    )[0]
     version = reader.fetch_all("SELECT MAX(version) FROM schema_migrations")[0][0]
     spool_dir = getattr(args, "spool_dir", None) or default_spool_dir(
         target if kind == "sqlite" else None
@@ -186,13 +199,17 @@ def _cmd_ledger_status(args: argparse.Namespace) -> int:
     names = sorted(os.listdir(spool_dir)) if os.path.isdir(spool_dir) else []
     spools = [n for n in names if n.startswith("spool-") and n.endswith(".jsonl")]
     quarantine = os.path.join(spool_dir, QUARANTINE_NAME)
+    conflicts = os.path.join(spool_dir, CONFLICTS_NAME)
     print(f"ledger: {redact_dsn(reader.target)} ({kind})")
     print(f"schema_version: {version}")
     print(f"records: {records}")
+    print(f"billed_records: {int(billed or 0)}")
+    print(f"replayed_requests: {replayed} ({int(replays or 0)} replays)")
     print(f"spool_dir: {spool_dir}")
     print(f"spool_files: {len(spools)}")
     print(f"spool_pending: {sum(count_lines(os.path.join(spool_dir, n)) for n in spools)}")
     print(f"quarantined: {count_lines(quarantine) if os.path.exists(quarantine) else 0}")
+    print(f"conflicts: {count_lines(conflicts) if os.path.exists(conflicts) else 0}")
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from billing.output import private_output
 from billing.report import parse_bound
 from exporters.ledger.reader import LedgerReader
-from exporters.ledger.schema import RAW_COLUMNS, USAGE_COUNTS, row_to_record
+from exporters.ledger.schema import ATTEMPT_SQL, RAW_COLUMNS, USAGE_COUNTS, row_to_record
 from exporters.usage_record import LEDGER_COLUMNS, UsageRecord
 
 __all__ = ["EXPORT_FORMATS", "export_records", "iter_records"]
@@ -56,10 +56,14 @@ def iter_records(
     tenant: str | None = None,
     model: str | None = None,
 ) -> Iterator[UsageRecord]:
-    """Records of the period in (ts, request_id) order, streamed."""
+    """Records of the period in (ts, tenant, request_id, attempt) order, streamed.
+
+    Every row is exported: one ok (billed) record per (tenant, request_id) and each
+    failed attempt as its own record (status says which).
+    """
     query = (
         f"SELECT {', '.join(RAW_COLUMNS)} FROM usage_records "
-        f"WHERE {_where(tenant, model)} ORDER BY ts, request_id"
+        f"WHERE {_where(tenant, model)} ORDER BY ts, tenant, request_id, {ATTEMPT_SQL}"
     )
     for row in reader.iter_rows(query, _params(start, end, tenant, model)):
         yield row_to_record(row)

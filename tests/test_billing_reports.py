@@ -229,3 +229,60 @@ def test_pricing_and_cli_errors_are_clear(tmp_path, ledger):
                            "2026-03-02"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert proc.returncode == 2 and "no ledger database" in proc.stderr
+
+
+def test_reprice_and_reports_are_per_tenant_and_per_attempt(tmp_path):
+    """One request id used by two tenants, and by one tenant for two failed attempts and
+    the ok retry: five records; reports count each as a request (failed attempts carry 0
+    billable tokens; this price table charges them per image), reprice updates each
+    record on its own and audits it with tenant and attempt."""
+    path = str(tmp_path / "ledger.db")
+    old = PriceBook.from_dict({"charge_failed_requests": True, "models": {"ocr": [
+        {"price_id": "ocr-v1", "effective_from": "2026-03-01", "per_image": "0.001"}]}})
+    new = PriceBook.from_dict({"charge_failed_requests": True, "models": {"ocr": [
+        {"price_id": "ocr-v2", "effective_from": "2026-03-01", "per_image": "0.002"}]}})
+    recs = []
+    for tenant, status, span, out in (("acme", "UNAVAILABLE", "s1", 0),
+                                      ("acme", "DEADLINE_EXCEEDED", "s2", 0),
+                                      ("acme", "ok", "s3", 400), ("beta", "ok", "s4", 100),
+                                      ("beta", "INTERNAL", "s5", 0)):
+        rec = UsageRecord(request_id="same-id", ts="2026-03-01T08:00:00+00:00",
+                          duration_ms=1.0, tenant=tenant, api_key_id=None, model="ocr",
+                          model_version="1", operation="ocr", protocol="http", endpoint="/x",
+                          status=status, output_tokens=out, billable_tokens=out, images=1,
+                          span_id=span)
+        rec.price_id, rec.cost = old.price(rec)
+        recs.append(rec)
+    sink = open_ledger(path)
+    assert all(o.inserted for o in sink.write_batch(recs))
+    sink.shutdown()
+    reader = LedgerReader(path)
+    for source in ("rollup", "raw"):
+        rows = build_report(reader, start="2026-03-01", end="2026-03-01", by="tenant",
+                            source=source)
+        assert [(r["tenant"], r["requests"], r["errors"], r["billable_tokens"])
+                for r in rows] == [("acme", 3, 2, 400), ("beta", 2, 1, 100)]
+    result = reprice(reader, new, start="2026-03-01", end="2026-03-01", changed_by="t")
+    assert (result.examined, result.changed) == (5, 5)
+    assert (result.old_total, result.new_total) == (D("0.005"), D("0.010"))
+    audit = reader.fetch_all("SELECT tenant, request_id, attempt, old_cost, new_cost "
+                             "FROM bill_audit ORDER BY tenant, attempt")
+    assert audit == [
+        ("acme", "same-id", "", "0.001000", "0.002000"),
+        ("acme", "same-id", "s1", "0.001000", "0.002000"),
+        ("acme", "same-id", "s2", "0.001000", "0.002000"),
+        ("beta", "same-id", "", "0.001000", "0.002000"),
+        ("beta", "same-id", "s5", "0.001000", "0.002000"),
+    ]
+    for source in ("rollup", "raw"):
+        rows = build_report(reader, start="2026-03-01", end="2026-03-01", by="tenant",
+                            source=source)
+        assert [(r["tenant"], r["cost_per_request"]) for r in rows] == [
+            ("acme", D("0.002000")), ("beta", D("0.002000"))]
+    out = tmp_path / "export.jsonl"
+    assert export_records(reader, start="2026-03-01", end="2026-03-01", fmt="jsonl",
+                          path=str(out), progress=False) == 5
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(x["tenant"], x["span_id"], x["cost"]) for x in lines] == [
+        ("acme", "s3", "0.002000"), ("acme", "s1", "0.002000"), ("acme", "s2", "0.002000"),
+        ("beta", "s4", "0.002000"), ("beta", "s5", "0.002000")]

@@ -29,8 +29,17 @@ def app(tmp_path_factory):
         rec = UsageRecord(**json.loads(line))
         rec.price_id, rec.cost = book.price(rec)
         recs.append(rec)
+    # April: request id r1 again, by acme (already billed in March: not a new record), by
+    # beta (its own id space: billed) and by beta for a failed attempt (its own row)
+    for tenant, status, span in (("acme", "ok", "a1"), ("beta", "ok", "b1"),
+                                 ("beta", "UNAVAILABLE", "b2")):
+        rec = UsageRecord(**{**json.loads((FIX / "records.jsonl").read_text().splitlines()[0]),
+                             "ts": "2026-04-01T08:00:00+00:00", "tenant": tenant,
+                             "status": status, "span_id": span})
+        rec.price_id, rec.cost = book.price(rec)
+        recs.append(rec)
     sink = open_ledger(path)
-    sink.write_batch(recs)
+    assert [o.inserted for o in sink.write_batch(recs)[-3:]] == [False, True, True]
     sink.shutdown()
     reader = LedgerReader(path)
     app = FastAPI()
@@ -63,6 +72,14 @@ def test_usage_report_json(base_url):
                                                   "tenant": "beta", "by": "model"})
     assert [(x["period"], x["requests"]) for x in r.json()["rows"]] == [
         ("2026-03-01", 1), ("2026-03-02", 2)]
+
+
+def test_usage_is_per_tenant_with_every_attempt_counted(base_url):
+    r = httpx.get(f"{base_url}/v1/usage", params={
+        "from": "2026-04-01", "to": "2026-04-30", "by": "tenant", "period": "month"})
+    assert r.status_code == 200
+    assert [(x["tenant"], x["requests"], x["errors"]) for x in r.json()["rows"]] == [
+        ("beta", 2, 1)]
 
 
 def test_bad_query_is_400(base_url):

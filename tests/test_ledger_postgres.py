@@ -20,6 +20,7 @@ import pytest
 
 from billing.synthetic import synthetic_record
 from exporters.ledger import open_ledger
+from exporters.ledger.schema import SCHEMA_VERSION
 
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -60,7 +61,7 @@ def _scalar(url: str, sql: str):
 def clean(pg_url):
     with psycopg.connect(pg_url, autocommit=True) as c, contextlib.suppress(
             psycopg.errors.UndefinedTable):
-        c.execute("TRUNCATE usage_records, usage_rollup_minute, bill_audit")
+        c.execute("TRUNCATE usage_records, usage_rollup_minute, bill_audit, request_replays")
     return pg_url
 
 
@@ -73,7 +74,7 @@ async def test_concurrent_submits_give_exactly_n_records(clean, tmp_path):
     sink.shutdown()
     assert _scalar(clean, "SELECT COUNT(*) FROM usage_records") == n
     assert _scalar(clean, "SELECT SUM(requests) FROM usage_rollup_minute") == n
-    assert _scalar(clean, "SELECT MAX(version) FROM schema_migrations") == 3
+    assert _scalar(clean, "SELECT MAX(version) FROM schema_migrations") == SCHEMA_VERSION
 
 
 async def test_same_request_id_three_times_is_one_record(clean, tmp_path):

@@ -7,11 +7,23 @@ Write policy (what happens when the database fails):
     records are appended to a local spool file (JSONL, fsync'd, 0600 in a 0700 dir) and
     ``submit`` returns ``WriteOutcome(spooled=True)``: nothing served goes unbilled. The
     writer thread replays the spool every ``retry_interval_s``; replays are idempotent by
-    request_id, so nothing is double-counted once the database is back. Spool files left
+    billing key, so nothing is double-counted once the database is back. Spool files left
     by a dead process are replayed by the next writer that opens the same spool dir.
   * If even the spool write fails, ``submit`` raises LedgerWriteError: the request must
     fail rather than be served unbilled. Counted in ``sink.stats.failed``.
-  * A retried request_id is stored once (ON CONFLICT DO NOTHING): ``inserted=False``.
+  * The billing key is per tenant (schema v4): at most one ok (billed) record per
+    (tenant, request_id); each failed attempt is its own row (keyed by its span id), so a
+    failed attempt never blocks billing the successful retry. A retried ok record is not
+    stored again (``inserted=False``) and is told the billed record's figures
+    (``existing``); when its payload hash matches, the replay is counted in
+    ``request_replays`` in the same transaction (``replays``). Deciding whether to serve
+    or refuse a replay is the metering policy's (interceptors/billing_policy.py).
+  * A spooled ok record whose key was billed meanwhile with another payload is not
+    written at replay: it goes to ``<spool_dir>/conflicts.jsonl`` (0600), is counted
+    (``health().conflicts``) and logged at ERROR.
+  * The writer queue is bounded (``max_pending`` records, default 100,000): beyond it
+    ``submit`` raises LedgerWriteError at once and ``can_accept()`` is False until it
+    drains (``health().queue_depth``).
   * One spool dir per data dir (``<data_dir>/ledger.spool``) whatever the ledger kind;
     a spool file is removed only after its records are committed, malformed lines go to
     a quarantine file (see exporters/ledger/spool.py). ``health()`` / ``can_accept()``
@@ -26,6 +38,7 @@ import inspect
 from typing import Any
 
 from exporters.ledger.base import (
+    BilledRecord,
     LedgerHealth,
     LedgerUnavailable,
     LedgerWriteError,
@@ -40,6 +53,7 @@ from exporters.ledger.spool import SPOOL_DIR_NAME
 
 __all__ = [
     "SPOOL_DIR_NAME",
+    "BilledRecord",
     "LedgerHealth",
     "LedgerReader",
     "LedgerStats",
@@ -59,7 +73,8 @@ def open_ledger(url_or_path: str, **opts: Any) -> UsageSink:
 
     A path or ``sqlite:///path`` -> SqliteLedger, ``postgresql://...`` -> PostgresLedger,
     ``jsonl:///path`` -> JsonlLedger. ``opts`` are the writer's keyword options
-    (``spool_dir``, ``max_batch``, ``retry_interval_s``, ...); unknown keys raise ValueError.
+    (``spool_dir``, ``max_batch``, ``max_pending``, ``retry_interval_s``, ...); unknown keys
+    raise ValueError.
     ``spool_dir`` is honoured by both SQL kinds (a server passes ``<data_dir>/ledger.spool``
     whatever the URL); the JSONL writer has no spool and ignores it. Blocks while
     connecting and migrating; a PostgreSQL failure raises LedgerUnavailable (scrubbed).

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 from exporters.usage_record import UsageRecord
 
 __all__ = [
+    "BilledRecord",
     "LedgerHealth",
     "LedgerUnavailable",
     "LedgerWriteError",
@@ -35,21 +36,53 @@ class LedgerUnavailable(Exception):
     """
 
 
-class WriteOutcome:
-    """Result of a durable write: ``inserted`` False means the request_id was already billed.
+@dataclasses.dataclass(frozen=True)
+class BilledRecord:
+    """The figures of the ok (billed) record already in the ledger for a (tenant, request_id)."""
 
+    content_sha256: str | None
+    input_tokens: int
+    output_tokens: int
+    billable_tokens: int
+    price_id: str | None
+    cost: str | None
+
+
+class WriteOutcome:
+    """Result of a durable write.
+
+    ``inserted`` False: a record with the same billing key is already in the ledger (or
+    earlier in the same batch): for an ok record that is the ok record of the same
+    (tenant, request_id); for a failed attempt, the same attempt (same span id).
+    ``existing``: for a not-inserted ok record, the figures of the ok record already
+    billed (None otherwise). ``replays``: when ``existing.content_sha256`` equals the
+    record's, the writer counted the replay in ``request_replays`` in the same
+    transaction and this is the count after it (1 for the first replay); 0 otherwise.
     ``spooled`` True: the database was unavailable and the record is durable in the local
-    spool, to be replayed later (``inserted`` is then provisional: the replay is idempotent).
+    spool, to be replayed later (``inserted`` is then provisional and ``existing``
+    unknown; a replayed ok record whose key exists with another payload goes to the
+    spool's conflicts file).
     """
 
-    __slots__ = ("inserted", "spooled")
+    __slots__ = ("existing", "inserted", "replays", "spooled")
 
-    def __init__(self, inserted: bool, spooled: bool = False) -> None:
+    def __init__(
+        self,
+        inserted: bool,
+        spooled: bool = False,
+        existing: BilledRecord | None = None,
+        replays: int = 0,
+    ) -> None:
         self.inserted = inserted
         self.spooled = spooled
+        self.existing = existing
+        self.replays = replays
 
     def __repr__(self) -> str:
-        return f"WriteOutcome(inserted={self.inserted}, spooled={self.spooled})"
+        return (
+            f"WriteOutcome(inserted={self.inserted}, spooled={self.spooled}, "
+            f"existing={self.existing!r}, replays={self.replays})"
+        )
 
 
 @runtime_checkable
@@ -75,9 +108,10 @@ class UsageSink(Protocol):
 class LedgerHealth:
     """A snapshot of a ledger writer's health, for metrics and readiness (cheap, no I/O).
 
-    ``healthy`` is False while a new record could be neither committed nor spooled (the
-    last database attempt failed and so did the last spool write or probe), or once the
-    writer is shut down; requests would then fail with LedgerWriteError, so a server
+    ``healthy`` is False while a new record would be refused: it could be neither
+    committed nor spooled (the last database attempt failed and so did the last spool
+    write or probe), the writer queue is full (``queue_depth`` >= ``max_pending``), or
+    the writer is shut down; requests would then fail with LedgerWriteError, so a server
     should report itself not ready. The writer keeps retrying both every
     ``retry_interval_s`` on its own, so ``healthy`` comes back without traffic.
     """
@@ -92,6 +126,8 @@ class LedgerHealth:
     torn_lines: int  # unterminated last lines of crashed writes, dropped (never acknowledged)
     last_commit_latency_s: float | None  # duration of the last successful commit, None before one
     spool_dir: str | None
+    conflicts: int = 0  # spooled ok records whose (tenant, request_id) was billed with another payload
+    queue_depth: int = 0  # records submitted and not yet settled (committed, spooled or failed)
 
 
 @runtime_checkable

@@ -3,9 +3,16 @@
 Every writer (SQLite, PostgreSQL, JSONL) owns a :class:`GroupCommitWriter`. Submitters
 enqueue *prepared* entries (row tuples for the SQL writers, already validated on the
 submitting side) and wait on a future; the thread takes everything queued (up to
-``max_batch`` entries), deduplicates request_ids within the batch, calls the writer's
-``commit`` function once (one transaction, one fsync), then settles every future. So the
-cost of an fsync is shared by all requests that finished while the previous one ran.
+``max_batch`` entries), splits off later entries of a billing key already in the batch
+(``(tenant, request_id, attempt)``, see exporters/ledger/schema.py), calls the writer's
+``commit`` function once (one transaction, one fsync; it also settles those repeats,
+exporters/ledger/outcomes.py), then settles every future. So the cost of an fsync is
+shared by all requests that finished while the previous one ran.
+
+The queue is bounded: at most ``max_pending`` records submitted and not yet settled;
+beyond that a submit is refused at once with LedgerWriteError ("ledger writer queue
+full") and ``health().healthy`` is False until it drains (memory stays bounded when the
+database is slower than the traffic).
 
 Per-record overhead is what limits throughput once fsyncs are shared, so the hot path is
 kept lean: an ``asyncio`` submitter waits on a plain loop future, and the thread settles
@@ -40,6 +47,7 @@ from typing import Any
 
 from exporters.ledger.base import LedgerHealth, LedgerWriteError, WriteOutcome
 from exporters.ledger.dsn import redact_dsn
+from exporters.ledger.outcomes import EntryView, conflicting, split_repeats
 from exporters.ledger.replay import SpoolReplay
 from exporters.ledger.spool import Spool
 
@@ -47,8 +55,11 @@ __all__ = ["CommitFn", "CommitListener", "GroupCommitWriter", "LedgerStats"]
 
 _log = logging.getLogger(__name__)
 
-CommitFn = Callable[[Sequence[Any]], list[bool]]
-"""Write entries with unique request_ids in one durable transaction; True where new."""
+CommitFn = Callable[[Sequence[Any], Sequence[Any], bool], list[WriteOutcome]]
+"""``commit(unique, repeats, count_replays)``: write ``unique`` (distinct billing keys) in
+one durable transaction and return the outcomes of ``unique`` then of ``repeats`` (later
+entries of keys in ``unique``, never written); ``count_replays`` False (spool replay):
+request_replays is not touched. See exporters/ledger/outcomes.py."""
 
 CommitListener = Callable[[float, int], None]
 """Called on the writer thread after each successful commit with (seconds, records)."""
@@ -73,7 +84,8 @@ class LedgerStats:
     """Counters of one ledger writer (read them from any thread; the writer thread updates)."""
 
     committed: int = 0  # records newly written to the database
-    duplicates: int = 0  # request_ids already present (retries), not written again
+    duplicates: int = 0  # billing keys already present (retries), not written again
+    replays: int = 0  # same-payload repeats of a billed (tenant, request_id), counted
     spooled: int = 0  # records that went to the local spool because the database failed
     replayed: int = 0  # spooled records later committed to the database
     failed: int = 0  # records that could not be made durable anywhere (LedgerWriteError)
@@ -83,6 +95,8 @@ class LedgerStats:
     quarantined: int = 0  # malformed spool lines moved to the quarantine file
     torn_lines: int = 0  # unterminated last lines of crashed spool writes, dropped
     replay_errors: int = 0  # failed replay attempts (the spool is kept and retried)
+    conflicts: int = 0  # spooled ok records billed meanwhile with another payload (set aside)
+    refused: int = 0  # submits refused because the writer queue was full
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -97,9 +111,9 @@ _STOP = object()
 class GroupCommitWriter(SpoolReplay):
     """Owns the queue and the writer thread; ``commit`` and ``close`` run on that thread.
 
-    ``key(entry)`` gives an entry's request_id; spooled entries are the SQL writers' row
-    tuples as-is. ``scrub(text)`` cleans any text (error messages, tracebacks) before it
-    is logged or raised; the default removes DSN passwords.
+    ``view`` reads an entry's billing key and figures; spooled entries are the SQL
+    writers' row tuples as-is. ``scrub(text)`` cleans any text (error messages,
+    tracebacks) before it is logged or raised; the default removes DSN passwords.
     """
 
     def __init__(
@@ -109,17 +123,23 @@ class GroupCommitWriter(SpoolReplay):
         close: Callable[[], None],
         spool: Spool | None,
         name: str,
-        key: Callable[[Any], str],
+        view: EntryView,
         max_batch: int = 10_000,
+        max_pending: int = 100_000,
         retry_interval_s: float = 1.0,
         scrub: Callable[[str], str] = redact_dsn,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if max_pending < 1:
+            raise ValueError("max_pending must be >= 1")
         self._commit = commit
         self._close = close
         self._spool = spool
-        self._key = key
+        self._view = view
+        self._key = view.key
+        self._max_pending = max_pending
+        self._pending = 0  # records queued and not yet settled; guarded by _lock
         self._scrub = scrub
         self._max_batch = max_batch
         self._retry_interval_s = retry_interval_s
@@ -140,12 +160,21 @@ class GroupCommitWriter(SpoolReplay):
 
     # -- any thread ----------------------------------------------------------------
 
+    def can_accept(self) -> bool:
+        """``health().healthy`` without building the snapshot: asked once per model call."""
+        return (
+            not self._closed
+            and self._generation == _fork_generation
+            and (self._db_ok or self._spool_ok)
+            and self._pending < self._max_pending
+        )
+
     def health(self) -> LedgerHealth:
         """Snapshot for metrics and readiness; see :class:`LedgerHealth`. Never blocks."""
         s = self.stats
-        open_ = not self._closed and self._generation == _fork_generation
+        depth = self._pending
         return LedgerHealth(
-            healthy=open_ and (self._db_ok or self._spool_ok),
+            healthy=self.can_accept(),
             database_ok=self._db_ok,
             spool_ok=self._spool_ok,
             spool_pending=s.spool_pending,
@@ -155,6 +184,8 @@ class GroupCommitWriter(SpoolReplay):
             torn_lines=s.torn_lines,
             last_commit_latency_s=self._last_commit_s,
             spool_dir=self._spool.directory if self._spool is not None else None,
+            conflicts=s.conflicts,
+            queue_depth=depth,
         )
 
     def add_commit_listener(self, listener: CommitListener) -> None:
@@ -166,9 +197,14 @@ class GroupCommitWriter(SpoolReplay):
         """Queue one entry from ``loop``'s thread; the loop future gets its WriteOutcome."""
         future = loop.create_future()
         with self._lock:  # so nothing is queued behind _STOP
-            if self._closed or self._generation != _fork_generation:
+            if (
+                self._closed
+                or self._generation != _fork_generation
+                or self._pending >= self._max_pending
+            ):
                 future.set_exception(self._refusal())
                 return future
+            self._pending += 1
             self._queue.put(((entry,), future, loop))
         return future
 
@@ -176,16 +212,30 @@ class GroupCommitWriter(SpoolReplay):
         """Queue entries; the future resolves to one WriteOutcome each, or LedgerWriteError."""
         future: concurrent.futures.Future[list[WriteOutcome]] = concurrent.futures.Future()
         with self._lock:
-            if self._closed or self._generation != _fork_generation:
+            # An empty enqueue (flush) is never refused; a batch is taken whole when the
+            # queue is below the bound, so one bulk load larger than it still goes in.
+            if (
+                self._closed
+                or self._generation != _fork_generation
+                or (entries and self._pending >= self._max_pending)
+            ):
                 future.set_exception(self._refusal())
                 return future
+            self._pending += len(entries)
             self._queue.put((entries, future, None))
         return future
 
     def _refusal(self) -> LedgerWriteError:
         if self._generation != _fork_generation:
             return LedgerWriteError("ledger opened before fork; reopen it")
-        return LedgerWriteError("ledger is shut down")
+        if self._closed:
+            return LedgerWriteError("ledger is shut down")
+        self.stats.refused += 1  # under _lock
+        return LedgerWriteError("ledger writer queue full")
+
+    def _settled(self, count: int) -> None:
+        with self._lock:
+            self._pending -= count
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Block until everything queued before this call is durable; False on timeout."""
@@ -250,17 +300,18 @@ class GroupCommitWriter(SpoolReplay):
                 except queue.Empty:
                     break
             try:
-                self._process(items)
+                outcomes, error = self._process(items)
             except BaseException as exc:  # never leave a submitter waiting forever
                 _log.error(
                     "ledger writer failed: %s",
                     self._scrub("".join(traceback.format_exception(exc))),
                 )
-                _settle(
-                    items,
-                    None,
-                    LedgerWriteError(f"usage record not durable: {self._describe(exc)}"),
-                )
+                outcomes = None
+                error = LedgerWriteError(f"usage record not durable: {self._describe(exc)}")
+            # Free the queue slots before any submitter learns its outcome, so a caller
+            # that saw its record settle never finds the queue still counting it.
+            self._settled(count)
+            _settle(items, outcomes, error)
         self._replay(force=True)
         try:
             self._close()
@@ -279,19 +330,14 @@ class GroupCommitWriter(SpoolReplay):
     def _describe(self, exc: BaseException) -> str:
         return self._scrub(f"{type(exc).__name__}: {exc}")
 
-    def _process(self, items: list[_Item]) -> None:
+    def _process(
+        self, items: list[_Item]
+    ) -> tuple[list[WriteOutcome] | None, LedgerWriteError | None]:
+        """Commit (or spool) one batch; (outcomes in entry order, None) or (None, error)."""
         entries = [e for item in items for e in item[0]]
         if not entries:
-            _settle(items, [])
-            return
-        key = self._key
-        ids = [key(e) for e in entries]
-        first_index = dict(zip(reversed(ids), range(len(ids) - 1, -1, -1), strict=True))
-        if len(first_index) == len(entries):
-            unique, dup_free = entries, True  # the usual case: no retry within the batch
-        else:
-            unique = [entries[i] for i in sorted(first_index.values())]
-            dup_free = False
+            return [], None
+        unique, repeats, order = split_repeats(entries, self._key)
         if self.stats.spool_pending:
             self._replay()
         try:
@@ -304,7 +350,7 @@ class GroupCommitWriter(SpoolReplay):
             ):
                 raise _SkipDatabase()
             self.stats.batches += 1
-            flags = self._timed_commit(unique)
+            outcomes = self._timed_commit(unique, repeats, True)
         except Exception as exc:
             if not isinstance(exc, _SkipDatabase):
                 self._db_failed()
@@ -313,41 +359,32 @@ class GroupCommitWriter(SpoolReplay):
                     self._describe(exc),
                     len(unique),
                 )
-            outcomes = self._spool_or_fail(unique, ids, first_index)
+            outcomes = self._spool_or_fail(unique, repeats)
             if outcomes is None:
-                _settle(
-                    items,
-                    None,
-                    LedgerWriteError(f"usage record not durable: {self._describe(exc)}"),
-                )
-                return
-            _settle(items, outcomes)
-            return
-        new = sum(flags)
+                return None, LedgerWriteError(f"usage record not durable: {self._describe(exc)}")
+            return (outcomes if order is None else [outcomes[i] for i in order]), None
+        new = sum(o.inserted for o in outcomes)  # repeats are never inserted
         self.stats.committed += new
-        self.stats.duplicates += len(entries) - new
-        if dup_free:
-            outcomes = [WriteOutcome(f) for f in flags]
-        else:
-            inserted = dict(zip((key(e) for e in unique), flags, strict=True))
-            outcomes = [
-                WriteOutcome(inserted[r] and first_index[r] == i) for i, r in enumerate(ids)
-            ]
-        _settle(items, outcomes)
+        if new != len(entries):
+            self.stats.duplicates += len(entries) - new
+            self.stats.replays += sum(1 for o in outcomes if o.replays)
+        return (outcomes if order is None else [outcomes[i] for i in order]), None
 
-    def _timed_commit(self, entries: Sequence[Any]) -> list[bool]:
+    def _timed_commit(
+        self, unique: Sequence[Any], repeats: Sequence[Any] = (), count_replays: bool = True
+    ) -> list[WriteOutcome]:
         t0 = time.perf_counter()
-        flags = self._commit(entries)
+        outcomes = self._commit(unique, repeats, count_replays)
         elapsed = time.perf_counter() - t0
         self._db_ok = True
-        if entries:
+        if unique:
             self._last_commit_s = elapsed
             for listener in self._listeners:
                 try:
-                    listener(elapsed, len(entries))
+                    listener(elapsed, len(unique))
                 except Exception:
                     _log.exception("ledger commit listener failed")
-        return flags
+        return outcomes
 
     def _db_failed(self) -> None:
         self.stats.db_errors += 1
@@ -355,16 +392,22 @@ class GroupCommitWriter(SpoolReplay):
         self._last_failure = time.monotonic()
 
     def _spool_or_fail(
-        self, unique: list[Any], ids: list[str], first_index: dict[str, int]
+        self, unique: Sequence[Any], repeats: Sequence[Any]
     ) -> list[WriteOutcome] | None:
+        """Spool ``unique``; outcomes for ``unique`` then ``repeats``, None if not durable.
+
+        A repeat is not spooled (its key is): an ok repeat is told the figures of the
+        batch's first record of its key (``existing``, replays not counted: the
+        database is down), a failed attempt's repeat is a plain dedupe.
+        """
         if self._spool is None:
-            self.stats.failed += len(unique)
+            self.stats.failed += len(unique) + len(repeats)
             return None
         try:
             self._spool.append(unique)
         except OSError as spool_exc:
             self._spool_ok = False
-            self.stats.failed += len(unique)
+            self.stats.failed += len(unique) + len(repeats)
             _log.error(
                 "ledger spool write failed too (%s); %d records not durable",
                 self._describe(spool_exc),
@@ -374,15 +417,26 @@ class GroupCommitWriter(SpoolReplay):
         self._spool_ok = True
         self.stats.spooled += len(unique)
         self._count_pending()
-        self.stats.duplicates += len(ids) - len(unique)
-        return [WriteOutcome(first_index[r] == i, spooled=True) for i, r in enumerate(ids)]
+        self.stats.duplicates += len(repeats)
+        outcomes = [WriteOutcome(True, spooled=True) for _ in unique]
+        if repeats:
+            key, billed = self._key, self._view.billed
+            first = {key(e): e for e in unique}
+            for entry in repeats:
+                k = key(entry)
+                outcomes.append(
+                    WriteOutcome(
+                        False, spooled=True, existing=billed(first[k]) if k[2] == "" else None
+                    )
+                )
+        return outcomes
 
     def _probe(self) -> None:
         """While degraded and idle: check the database and the spool so that health
         recovers without traffic (a not-ready server gets none)."""
         if not self._db_ok and time.monotonic() - self._last_failure >= self._retry_interval_s:
             try:
-                self._timed_commit(())
+                self._timed_commit((), (), False)
                 _log.warning("ledger database reachable again")
             except Exception:
                 self._last_failure = time.monotonic()
@@ -398,9 +452,17 @@ class GroupCommitWriter(SpoolReplay):
         own = self._spool.pending if self._spool is not None else 0
         self.stats.spool_pending = own + sum(self._orphan_pending.values())
 
-    def _commit_chunks(self, entries: Sequence[Any]) -> None:
+    def _commit_chunks(self, entries: Sequence[Any]) -> list[tuple[Any, Any]]:
+        """Commit spooled entries (replay: no replay counting); returns the conflicts:
+        (entry, BilledRecord) of ok entries whose (tenant, request_id) is billed with
+        another payload, which were therefore not written."""
+        found: list[tuple[Any, Any]] = []
         for start in range(0, len(entries), self._max_batch):
-            self._timed_commit(entries[start : start + self._max_batch])
+            chunk = entries[start : start + self._max_batch]
+            unique, repeats, _ = split_repeats(chunk, self._key)
+            outcomes = self._timed_commit(unique, repeats, False)
+            found += conflicting([*unique, *repeats], outcomes, self._view)
+        return found
 
 
 class _SkipDatabase(Exception):

@@ -2,9 +2,15 @@
 
 Mixed into :class:`~exporters.ledger.group_commit.GroupCommitWriter` and run only on its
 thread. Order of every replay: commit the file's records (idempotent), quarantine its
-malformed lines, and only then empty or delete the file, so a crash at any point leaves
-every record either in the database or still in the spool. Failures are WARNING (at
-most once per ``_LOG_EVERY_S`` while they repeat), quarantines are ERROR.
+malformed lines, set aside its conflicts, and only then empty or delete the file, so a
+crash at any point leaves every record either in the database, in the quarantine or
+conflicts file, or still in the spool. A *conflict* is a spooled ok record whose
+(tenant, request_id) was billed meanwhile with another payload (``content_sha256``): it
+is not written (the key allows one billed record) but copied to ``conflicts.jsonl``
+(0600) with the billed figures, counted in ``stats.conflicts`` and logged at ERROR; a
+spooled record with the same payload as the billed one is an ordinary dedupe. Failures
+are WARNING (at most once per ``_LOG_EVERY_S`` while they repeat), quarantines and
+conflicts are ERROR.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from exporters.ledger.spool import (
+    CONFLICTS_NAME,
     QUARANTINE_NAME,
     Spool,
     SpoolContents,
@@ -45,7 +52,8 @@ class SpoolReplay:
     _db_ok: bool
     _describe: Callable[[BaseException], str]
     _count_pending: Callable[[], None]
-    _commit_chunks: Callable[[Sequence[Any]], None]
+    _key: Callable[[Any], tuple[str, str, str]]
+    _commit_chunks: Callable[[Sequence[Any]], list[tuple[Any, Any]]]
 
     def _replay(self, *, force: bool = False) -> None:
         """Move spooled records (orphans', then our own) into the database.
@@ -64,14 +72,14 @@ class SpoolReplay:
             return
         try:
             contents = spool.read_own()
-            self._commit_chunks(contents.rows)
+            conflicts = self._commit_chunks(contents.rows)
         except Exception as exc:
             self._replay_failed(exc, spool.path)
             return
-        if not self._set_aside(spool.path, contents):
+        if not self._set_aside(spool.path, contents, conflicts):
             return  # nothing removed: retried next time
         spool.clear_own()
-        self._replayed(len(contents.rows), "this process's spool")
+        self._replayed(len(contents.rows) - len(conflicts), "this process's spool")
 
     def _replay_orphans(self) -> None:
         """Replay spool files left by processes that died before replaying them."""
@@ -79,13 +87,16 @@ class SpoolReplay:
             for path, fd in self._spool.orphans():  # type: ignore[union-attr]
                 try:
                     contents = read_spool_file(path)
-                    self._commit_chunks(contents.rows)
-                    if not self._set_aside(path, contents):
+                    conflicts = self._commit_chunks(contents.rows)
+                    if not self._set_aside(path, contents, conflicts):
                         self._orphan_pending[path] = len(contents.rows)
                         continue
                     os.unlink(path)  # only now: every record is in the database
                     self._orphan_pending.pop(path, None)
-                    self._replayed(len(contents.rows), f"orphaned spool {os.path.basename(path)}")
+                    self._replayed(
+                        len(contents.rows) - len(conflicts),
+                        f"orphaned spool {os.path.basename(path)}",
+                    )
                 except Exception as exc:
                     self._orphan_pending[path] = count_lines(path)
                     self._replay_failed(exc, path)
@@ -98,9 +109,33 @@ class SpoolReplay:
             del self._orphan_pending[path]  # replayed by another process meanwhile
         self._count_pending()
 
-    def _set_aside(self, path: str, contents: SpoolContents) -> bool:
-        """Quarantine malformed lines, log a torn tail; False if quarantining failed."""
+    def _set_aside(
+        self, path: str, contents: SpoolContents, conflicts: Sequence[tuple[Any, Any]] = ()
+    ) -> bool:
+        """Quarantine malformed lines, set aside conflicts, log a torn tail; False if
+        writing the quarantine or conflicts file failed (the spool file is then kept, and
+        the next replay finds the same lines again)."""
         name = os.path.basename(path)
+        if conflicts:
+            try:
+                self._spool.record_conflicts(path, conflicts)  # type: ignore[union-attr]
+            except OSError as exc:
+                _log.error(
+                    "could not record %d conflicting records of spool %s (%s); the file is kept",
+                    len(conflicts),
+                    name,
+                    self._describe(exc),
+                )
+                return False
+            self.stats.conflicts += len(conflicts)
+            _log.error(
+                "%d spooled usage records of %s were not billed: their (tenant, request_id) "
+                "is already billed for another payload; set aside in %s (request ids %s)",
+                len(conflicts),
+                name,
+                os.path.join(self._spool.directory, CONFLICTS_NAME),  # type: ignore[union-attr]
+                ",".join("/".join(self._key(row)[:2]) for row, _ in conflicts[:20]),
+            )
         if contents.torn is not None:
             self.stats.torn_lines += 1
             _log.warning(

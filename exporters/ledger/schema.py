@@ -1,11 +1,19 @@
 """Ledger schema, its versioned migrations, and record <-> row conversion.
 
-One schema for SQLite and PostgreSQL (only column types differ). Three tables:
-``usage_records`` (one row per request, ``request_id`` unique), ``usage_rollup_minute``
-(per-minute aggregates by tenant/model/operation/status class, updated in the same
-transaction as the raw rows so reports need not scan raw records), and ``bill_audit``
-(old and new figures of every repriced record). ``schema_migrations`` records which
-migrations ran; :func:`migrate` upgrades an existing ledger in place.
+One schema for SQLite and PostgreSQL (only column types differ). Four tables:
+``usage_records`` (one row per request attempt), ``usage_rollup_minute`` (per-minute
+aggregates by tenant/model/operation/status class, updated in the same transaction as
+the raw rows so reports need not scan raw records), ``bill_audit`` (old and new figures
+of every repriced record) and ``request_replays`` (how often an ok record was replayed).
+``schema_migrations`` records which migrations ran; :func:`migrate` upgrades an existing
+ledger in place.
+
+The billing key (since v4) is per tenant: a UNIQUE index over (tenant, request_id,
+:data:`ATTEMPT_SQL`), i.e. at most one ok (billed) record per (tenant, request_id), and
+every failed attempt its own row keyed by its span id (its timestamp when it has none),
+so a failed first attempt never blocks billing the successful retry, and a spool replay
+of the same failed attempt is still deduplicated. :func:`billing_key` is the same key
+computed on a row tuple; the two must agree.
 
 Timestamps are stored as UTC ISO-8601 text with a fixed layout
 (``YYYY-MM-DDTHH:MM:SS.ffffff+00:00``), so text order is time order in both databases and
@@ -21,14 +29,18 @@ from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
+from exporters.ledger.base import BilledRecord
 from exporters.usage_record import LEDGER_COLUMNS, UsageRecord
 
 __all__ = [
+    "ATTEMPT_SQL",
     "RAW_COLUMNS",
     "ROLLUP_KEYS",
     "ROLLUP_SUMS",
     "USAGE_COUNTS",
     "SCHEMA_VERSION",
+    "billed_of_row",
+    "billing_key",
     "cost_to_micros",
     "migrate",
     "normalize_ts",
@@ -106,6 +118,8 @@ def record_to_row(record: UsageRecord) -> tuple[Any, ...]:
     row = list(_GET_COLUMNS(record))
     row[_TS] = normalize_ts(record.ts)
     row[_TRUNCATED] = 1 if record.truncated else 0
+    if row[_SPAN] == "":
+        row[_SPAN] = None  # an empty span id would key a failed attempt like the ok record
     row.append(cost_to_micros(record.cost))
     return tuple(row)
 
@@ -113,6 +127,42 @@ def record_to_row(record: UsageRecord) -> tuple[Any, ...]:
 _GET_COLUMNS = operator.attrgetter(*LEDGER_COLUMNS)
 _TS = LEDGER_COLUMNS.index("ts")
 _TRUNCATED = LEDGER_COLUMNS.index("truncated")
+_SPAN = LEDGER_COLUMNS.index("span_id")
+_TENANT = LEDGER_COLUMNS.index("tenant")
+_STATUS = LEDGER_COLUMNS.index("status")
+_SHA = LEDGER_COLUMNS.index("content_sha256")
+_BILLED = tuple(
+    LEDGER_COLUMNS.index(c)
+    for c in ("content_sha256", "input_tokens", "output_tokens", "billable_tokens", "price_id", "cost")
+)
+_GET_BILLED = operator.itemgetter(*_BILLED)
+
+# The third part of the billing key, in SQL: '' for the ok record, else the attempt.
+ATTEMPT_SQL = "CASE WHEN status = 'ok' THEN '' ELSE COALESCE(span_id, ts) END"
+BILLED_COLUMNS = "content_sha256, input_tokens, output_tokens, billable_tokens, price_id, cost"
+
+
+def billing_key(row: Sequence[Any]) -> tuple[str, str, str]:
+    """(tenant, request_id, attempt) of a row tuple: the v4 UNIQUE index, computed here.
+
+    ``attempt`` is '' for an ok record, else the span id (the timestamp when None),
+    exactly as :data:`ATTEMPT_SQL` computes it.
+    """
+    if row[_STATUS] == "ok":
+        return (row[_TENANT], row[0], "")
+    span = row[_SPAN]
+    return (row[_TENANT], row[0], span if span is not None else row[_TS])
+
+
+def billed_of_row(row: Sequence[Any]) -> BilledRecord:
+    """The :class:`BilledRecord` figures of an (ok) row tuple."""
+    return BilledRecord(*_GET_BILLED(row))
+
+
+def billed_of_db(values: Sequence[Any]) -> BilledRecord:
+    """A BilledRecord from the columns of :data:`BILLED_COLUMNS` as a database returns them."""
+    sha, inp, out, billable, price_id, cost = values
+    return BilledRecord(sha, int(inp or 0), int(out or 0), int(billable or 0), price_id, cost)
 
 
 def row_to_record(row: Sequence[Any]) -> UsageRecord:
@@ -245,11 +295,67 @@ def _audit_ddl(dialect: str) -> list[str]:
     ]
 
 
+def _per_tenant_key_ddl(dialect: str) -> list[str]:
+    """v4: the billing key becomes (tenant, request_id, attempt); request_replays.
+
+    SQLite cannot drop a PRIMARY KEY in place, so usage_records is rebuilt (rows copied
+    with their rowids, so rowid order is kept; its indexes recreated) inside the
+    migration transaction. PostgreSQL drops the primary-key constraint. Either way the
+    old key guaranteed request_id unique, so no existing row can violate the new index.
+    bill_audit gets the record's tenant and attempt (backfilled: request_id was unique).
+    """
+    t = _types(dialect)
+    key_index = (
+        "CREATE UNIQUE INDEX IF NOT EXISTS usage_records_billing_key "
+        f"ON usage_records (tenant, request_id, ({ATTEMPT_SQL}))"
+    )
+    if dialect == "postgresql":
+        rebuild = [
+            "DO $$ DECLARE c text; BEGIN "
+            "SELECT conname INTO c FROM pg_constraint "
+            "WHERE conrelid = 'usage_records'::regclass AND contype = 'p'; "
+            "IF c IS NOT NULL THEN "
+            "EXECUTE format('ALTER TABLE usage_records DROP CONSTRAINT %I', c); "
+            "END IF; END $$",
+            "ALTER TABLE usage_records ALTER COLUMN request_id SET NOT NULL",
+        ]
+    else:
+        create, *indexes = _raw_ddl(dialect)
+        cols = ", ".join(RAW_COLUMNS)
+        rebuild = [
+            create.replace("request_id TEXT PRIMARY KEY", "request_id TEXT NOT NULL").replace(
+                "EXISTS usage_records (", "EXISTS usage_records_v4 ("
+            ),
+            f"INSERT INTO usage_records_v4 (rowid, {cols}) "
+            f"SELECT rowid, {cols} FROM usage_records ORDER BY rowid",
+            "DROP TABLE usage_records",
+            "ALTER TABLE usage_records_v4 RENAME TO usage_records",
+            *indexes,
+        ]
+    return [
+        *rebuild,
+        key_index,
+        f"CREATE TABLE IF NOT EXISTS request_replays (tenant TEXT NOT NULL, "
+        f"request_id TEXT NOT NULL, replays {t['int']} NOT NULL, last_at TEXT, "
+        "PRIMARY KEY (tenant, request_id))",
+        "ALTER TABLE bill_audit ADD COLUMN tenant TEXT",
+        "ALTER TABLE bill_audit ADD COLUMN attempt TEXT",
+        "UPDATE bill_audit SET tenant = (SELECT u.tenant FROM usage_records u "
+        "WHERE u.request_id = bill_audit.request_id), "
+        # unqualified status/span_id/ts resolve to u: bill_audit has no such columns
+        f"attempt = (SELECT {ATTEMPT_SQL} FROM usage_records u "
+        "WHERE u.request_id = bill_audit.request_id)",
+        "DROP INDEX IF EXISTS bill_audit_request",
+        "CREATE INDEX IF NOT EXISTS bill_audit_record ON bill_audit (tenant, request_id, attempt)",
+    ]
+
+
 # (version, description, DDL builder). Append only: released versions never change.
 MIGRATIONS: tuple[tuple[int, str, Callable[[str], list[str]]], ...] = (
     (1, "usage_records", _raw_ddl),
     (2, "usage_rollup_minute (backfilled from usage_records)", _rollup_ddl),
     (3, "bill_audit", _audit_ddl),
+    (4, "per-tenant billing key, request_replays, bill_audit tenant", _per_tenant_key_ddl),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -1,26 +1,27 @@
 """The UsageSink surface shared by every ledger writer, over a GroupCommitWriter.
 
-A writer subclass supplies ``_commit(entries) -> list[bool]`` (one durable transaction,
-run on the writer thread) and ``_close()``; this class gives it ``submit`` (async),
-``write_batch`` (blocking), ``force_flush``, ``shutdown`` and ``stats``.
+A writer subclass supplies ``_commit(unique, repeats, count_replays) -> list[WriteOutcome]``
+(one durable transaction, run on the writer thread; see group_commit.CommitFn) and
+``_close()``; this class gives it ``submit`` (async), ``write_batch`` (blocking),
+``force_flush``, ``shutdown``, ``stats``, ``health`` and ``can_accept``.
 
 Records are validated and converted to their ledger row (``record_to_row``) on the
 submitting side, once: a malformed record is rejected before it can poison a batch or
 the spool, and the writer thread only binds ready tuples. A writer that stores records
-rather than rows (JSONL) overrides ``_prepare`` and ``_entry_key``.
+rather than rows (JSONL) overrides ``_prepare`` and ``_view``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from operator import itemgetter
 from typing import Any
 
 from exporters.ledger.base import LedgerHealth, WriteOutcome
 from exporters.ledger.dsn import redact_dsn, scrub_error
 from exporters.ledger.group_commit import CommitListener, GroupCommitWriter, LedgerStats
-from exporters.ledger.schema import record_to_row
+from exporters.ledger.outcomes import EntryView
+from exporters.ledger.schema import billed_of_row, billing_key, record_to_row
 from exporters.ledger.spool import Spool
 from exporters.usage_record import UsageRecord
 
@@ -32,18 +33,25 @@ class GroupCommitSink:
 
     url: str = ""  # never carries a password: redacted by the writer that sets it
     _secret_url: str | None = None  # the real DSN, for scrubbing echoes of its password
-    _entry_key: Any = staticmethod(itemgetter(0))  # request_id is the row's first column
+    _view = EntryView(key=billing_key, billed=billed_of_row)  # entries are row tuples
 
     def _start(
-        self, *, name: str, spool_dir: str | None, max_batch: int, retry_interval_s: float
+        self,
+        *,
+        name: str,
+        spool_dir: str | None,
+        max_batch: int,
+        retry_interval_s: float,
+        max_pending: int = 100_000,
     ) -> None:
         self._writer = GroupCommitWriter(
             self._commit,
             close=self._close,
             spool=Spool(spool_dir) if spool_dir else None,
             name=name,
-            key=self._entry_key,
+            view=self._view,
             max_batch=max_batch,
+            max_pending=max_pending,
             retry_interval_s=retry_interval_s,
             scrub=self._scrub,
         )
@@ -56,12 +64,14 @@ class GroupCommitSink:
 
     def health(self) -> LedgerHealth:
         """Snapshot for metrics and readiness (spool_pending, write_failures, quarantined,
-        last_commit_latency_s, healthy, ...; see LedgerHealth). Never blocks."""
+        conflicts, queue_depth, last_commit_latency_s, healthy, ...; see LedgerHealth).
+        Never blocks."""
         return self._writer.health()
 
     def can_accept(self) -> bool:
-        """False while a record could be neither committed nor spooled (or after shutdown)."""
-        return self._writer.health().healthy
+        """False while a record could be neither committed nor spooled, while the writer
+        queue is full (``max_pending``), or after shutdown."""
+        return self._writer.can_accept()
 
     def add_commit_listener(self, listener: CommitListener) -> None:
         """``listener(seconds, records)`` after each successful commit, on the writer
@@ -72,7 +82,8 @@ class GroupCommitSink:
         return scrub_error(text, self._secret_url) if self._secret_url else redact_dsn(text)
 
     async def submit(self, record: UsageRecord) -> WriteOutcome:
-        """Return once ``record`` is durable. Raises LedgerWriteError, ValueError (bad record)."""
+        """Return once ``record`` is durable. Raises LedgerWriteError (at once when the
+        writer queue is full), ValueError (bad record)."""
         entry = self._prepare(record)
         return await self._submit_nowait(entry, asyncio.get_running_loop())
 
@@ -106,7 +117,9 @@ class GroupCommitSink:
             raise ValueError("usage record has an empty request_id")
         return record_to_row(record)
 
-    def _commit(self, entries: Sequence[Any]) -> list[bool]:  # pragma: no cover
+    def _commit(
+        self, unique: Sequence[Any], repeats: Sequence[Any], count_replays: bool
+    ) -> list[WriteOutcome]:  # pragma: no cover
         raise NotImplementedError
 
     def _close(self) -> None:  # pragma: no cover

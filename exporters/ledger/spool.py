@@ -18,7 +18,9 @@ committed to the database and every unreadable line was copied to the quarantine
 between write and fsync; that record was never acknowledged, so it is dropped with a
 warning). Any other line that does not parse as a usage record is *malformed*: it goes,
 with its origin, to ``quarantine.jsonl`` (0600) in the spool dir, is counted and logged
-at ERROR, and is never replayed automatically.
+at ERROR, and is never replayed automatically. A spooled ok record whose (tenant,
+request_id) turns out, at replay, to be billed already for another payload goes to
+``conflicts.jsonl`` (0600) the same way (see exporters/ledger/replay.py).
 """
 
 from __future__ import annotations
@@ -30,18 +32,27 @@ import fcntl
 import json
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from exporters.ledger.base import BilledRecord
 from exporters.ledger.schema import record_to_row
 from exporters.usage_record import LEDGER_COLUMNS, UsageRecord
 
 _N = len(LEDGER_COLUMNS)
 _TRUNCATED = LEDGER_COLUMNS.index("truncated")
 QUARANTINE_NAME = "quarantine.jsonl"
+CONFLICTS_NAME = "conflicts.jsonl"
 SPOOL_DIR_NAME = "ledger.spool"
 
-__all__ = ["QUARANTINE_NAME", "SPOOL_DIR_NAME", "Spool", "SpoolContents", "default_spool_dir"]
+__all__ = [
+    "CONFLICTS_NAME",
+    "QUARANTINE_NAME",
+    "SPOOL_DIR_NAME",
+    "Spool",
+    "SpoolContents",
+    "default_spool_dir",
+]
 
 
 def ensure_private_dir(path: str) -> None:
@@ -95,13 +106,7 @@ class Spool:
         """
         fd = self._open()
         payload = "".join(
-            json.dumps(
-                dict(zip(LEDGER_COLUMNS, row[:_N], strict=True))
-                | {"truncated": bool(row[_TRUNCATED])},
-                separators=(",", ":"),
-            )
-            + "\n"
-            for row in rows
+            json.dumps(_row_fields(row), separators=(",", ":")) + "\n" for row in rows
         ).encode()
         try:
             written = 0
@@ -184,29 +189,55 @@ class Spool:
         """
         if not bad:
             return
-        ensure_private_dir(self.directory)
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        payload = "".join(
-            json.dumps(
+        self._append_private(
+            QUARANTINE_NAME,
+            (
                 {
                     "quarantined_at": now,
                     "source": os.path.basename(source),
                     "line": lineno,
                     "error": why,
                     "raw": raw.decode("utf-8", errors="backslashreplace"),
-                },
-                ensure_ascii=False,
-            )
-            + "\n"
-            for lineno, raw, why in bad
-        ).encode()
+                }
+                for lineno, raw, why in bad
+            ),
+        )
+
+    def record_conflicts(
+        self, source: str, conflicts: Sequence[tuple[tuple[Any, ...], BilledRecord]]
+    ) -> None:
+        """Append spooled records refused at replay (their (tenant, request_id) is billed
+        with another payload), with the billed figures, to the conflicts file (fsync'd).
+
+        Raises OSError; the caller then keeps the source file so nothing is lost.
+        """
+        if not conflicts:
+            return
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self._append_private(
+            CONFLICTS_NAME,
+            (
+                {
+                    "conflict_at": now,
+                    "source": os.path.basename(source),
+                    "reason": "(tenant, request_id) already billed for another content_sha256",
+                    "record": _row_fields(row),
+                    "billed": dataclasses.asdict(billed),
+                }
+                for row, billed in conflicts
+            ),
+        )
+
+    def _append_private(self, name: str, objects: Iterable[dict[str, Any]]) -> None:
+        """Append JSON lines to ``name`` in the spool dir (0600, flock'd, fsync'd)."""
+        ensure_private_dir(self.directory)
+        payload = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects).encode()
         fd = os.open(
-            os.path.join(self.directory, QUARANTINE_NAME),
-            os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-            0o600,
+            os.path.join(self.directory, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
         )
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # several processes may quarantine at once
+            fcntl.flock(fd, fcntl.LOCK_EX)  # several processes may append at once
             written = 0
             while written < len(payload):
                 written += os.write(fd, payload[written:])
@@ -221,6 +252,11 @@ class Spool:
                 _unlink_quietly(self.path)
             os.close(self._fd)
             self._fd = None
+
+
+def _row_fields(row: Sequence[Any]) -> dict[str, Any]:
+    """A ledger row tuple as its record's ledger fields (the spool line's JSON object)."""
+    return dict(zip(LEDGER_COLUMNS, row[:_N], strict=True)) | {"truncated": bool(row[_TRUNCATED])}
 
 
 def count_lines(path: str) -> int:
