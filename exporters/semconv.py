@@ -32,6 +32,9 @@ PADDLE_METER_PRICE_ID: Final = "paddle_meter.price_id"
 PADDLE_METER_MODEL_VERSION: Final = "paddle_meter.model_version"
 PADDLE_METER_PROTOCOL: Final = "paddle_meter.protocol"
 PADDLE_METER_APP_STATUS: Final = "paddle_meter.app_status"
+# True on a replay: a retry of an id already billed with the same payload; the span then
+# carries the ORIGINAL billed figures, and the call adds nothing to the token metrics.
+PADDLE_METER_USAGE_REPLAY: Final = "paddle_meter.usage.replay"
 # Metric attribute of paddle_meter.requests: "ok" or the error code (docs/design.md `status`).
 PADDLE_METER_STATUS: Final = "status"
 
@@ -59,6 +62,10 @@ METRIC_RESPONSE_SIZE: Final = "paddle_meter.response.size"  # By
 METRIC_RPC_SERVER_CALL_DURATION: Final = "rpc.server.call.duration"  # s
 METRIC_HTTP_SERVER_REQUEST_DURATION: Final = "http.server.request.duration"  # s
 METRIC_METER_ERRORS: Final = "paddle_meter.meter_errors"  # {error}
+# Ledger health (registered when the ledger implements exporters.ledger.base.ReportsHealth).
+METRIC_LEDGER_SPOOL_PENDING: Final = "paddle_meter.ledger.spool_pending"  # {record}, gauge
+METRIC_LEDGER_WRITE_FAILURES: Final = "paddle_meter.ledger.write_failures"  # {record}
+METRIC_LEDGER_COMMIT_DURATION: Final = "paddle_meter.ledger.commit.duration"  # s
 
 # --- model stage span names ------------------------------------------------------------
 # Defined beside the adapters (which never import exporters); re-exported so every name
@@ -75,6 +82,7 @@ from models.stages import (  # noqa: E402, F401 (re-exported)
 HEADER_REQUEST_ID: Final = "x-request-id"
 HEADER_USAGE_INPUT_TOKENS: Final = "x-usage-input-tokens"
 HEADER_USAGE_OUTPUT_TOKENS: Final = "x-usage-output-tokens"
+HEADER_USAGE_REPLAY: Final = "x-usage-replay"  # "true" on a replay, absent otherwise
 HEADER_TENANT: Final = "x-tenant"
 
 # --- histogram bucket boundaries ---------------------------------------------------------
@@ -111,6 +119,23 @@ TRANSPORT_DURATION_BUCKETS: Final[tuple[float, ...]] = (
     2.5,
     5.0,
     7.5,
+    10.0,
+)
+# Ledger commits (one fsync'd transaction for a batch): 0.5 ms to 10 s.
+LEDGER_COMMIT_BUCKETS: Final[tuple[float, ...]] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
     10.0,
 )
 # Message sizes: powers of 4 from 64 B to 64 MiB (64 * 4**k, k = 0..10). Covers a tiny

@@ -11,10 +11,11 @@ Wiring (serving/metering_setup.py builds these once per process)::
     # shutdown: core.close(); telemetry.shutdown(); then the ledger's shutdown()
 
 Modules: core.py (the core, opening calls), call.py (one call's lifecycle), request_id.py
-(id policy), billing_policy.py (what is billed, pricing, failing closed), record.py (the
-usage record), telemetry_out.py (span attributes and metrics), response_meta.py (usage
-headers / trailers), instruments.py (metric instruments, tenant-label cap), grpc_aio.py
-and asgi.py (the transports).
+(id and tenant policy), billing_policy.py (what is billed, pricing, replays, failing
+closed), record.py (the usage record), telemetry_out.py (span attributes and metrics),
+response_meta.py (usage headers / trailers), instruments.py (metric instruments,
+tenant-label cap), ledger_metrics.py (ledger health as metrics), grpc_aio.py and asgi.py
+(the transports).
 
 Contract with the frontends (serving/):
 
@@ -29,8 +30,14 @@ Contract with the frontends (serving/):
   ``text_classification`` / ``embeddings``; ``tokenize`` for token counting);
   ``request_id`` when the protocol body carries one (pipeline ``logid`` when non-zero,
   OIP ``id`` when non-empty). An ``x-request-id`` header/metadata wins over it; with
-  neither, a UUID4 hex is generated. Ids must match ``[A-Za-z0-9._:-]{1,128}`` or they
-  are replaced.
+  neither, a UUID4 hex is generated. Ids must match ``[A-Za-z0-9._:-]{1,128}``: a
+  malformed ``x-request-id`` (or ``x-tenant``, ``[A-Za-z0-9._-]{1,64}``) is refused with
+  INVALID_ARGUMENT / 400 before the handler runs; a malformed protocol id is replaced.
+- The billing key is (tenant, request id). A successful retry of a billed key with the
+  same ``content_sha256`` is a replay (served, told the ORIGINAL usage, ``x-usage-replay:
+  true``, not added to token metrics), at most ``metering.max_replays`` times (default
+  10); a different payload, or one replay too many, is refused: ALREADY_EXISTS / 409, or
+  ``usage.error_renderer(kind, message)``'s answer when the frontend set one (pipeline).
 - Liveness, readiness and metadata calls (OIP ServerLive / ServerReady / ModelReady /
   ServerMetadata / ModelMetadata) set nothing: no model, so no ledger record and no
   usage headers. gRPC health and reflection services get operation ``health`` /
@@ -48,10 +55,13 @@ Contract with the frontends (serving/):
   only carry model calls. Every metered call gets a span and metrics.
 - The usage record is written (``await ledger.submit``) before the response leaves. If
   the ledger cannot make it durable the request fails: gRPC UNAVAILABLE / HTTP 503 with
-  "usage could not be recorded; retry with the same x-request-id". Any other failure
-  inside metering is logged, counted in ``paddle_meter.meter_errors``, and ignored.
+  "usage could not be recorded; retry with the same x-request-id". A call whose metering
+  cannot start is not served (UNAVAILABLE / 503, "metering could not start; nothing was
+  served; retry"), nor is a model call while the ledger cannot accept records. Any other
+  failure inside metering is logged, counted in ``paddle_meter.meter_errors``, and ignored.
 - Back to the caller: gRPC trailing metadata / HTTP response headers ``x-request-id``,
-  ``x-usage-input-tokens``, ``x-usage-output-tokens`` (billed counts: 0 on errors) on
+  ``x-usage-input-tokens``, ``x-usage-output-tokens`` (billed counts: 0 on errors; a
+  replay's original counts, with ``x-usage-replay: true``) on
   every model call (billable, or any call that reported tokens). Other calls (health,
   metadata, ServerLive, reflection) carry no usage: they get ``x-request-id`` only when
   the request carried an id (header or protocol id), echoed, and no usage headers;
@@ -65,13 +75,14 @@ Contract with the frontends (serving/):
 """
 
 from interceptors.asgi import MeteringMiddleware, default_skip
-from interceptors.billing_policy import LEDGER_FAILURE_MESSAGE
+from interceptors.billing_policy import LEDGER_FAILURE_MESSAGE, START_FAILURE_MESSAGE
 from interceptors.call import MeteredCall
 from interceptors.core import MeteringCore, default_tenant_resolver
 from interceptors.grpc_aio import MeteringServerInterceptor
 
 __all__ = [
     "LEDGER_FAILURE_MESSAGE",
+    "START_FAILURE_MESSAGE",
     "MeteredCall",
     "MeteringCore",
     "MeteringMiddleware",

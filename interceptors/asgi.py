@@ -6,6 +6,13 @@ body bytes, and buffers ``http.response.start`` and the body until the final bod
 message, so the usage headers can be added and the ledger written before anything
 leaves. Responses are therefore not streamed through this middleware (model calls answer
 one JSON document; non-model endpoints such as ``/metrics`` are skipped).
+
+Fail closed (interceptors/billing_policy.py): a request metering refuses at start is
+answered with its kind's status and ``{"error": message}`` before the app runs (its body
+is never read). A request refused when it finishes (record not durable: 503; a reused
+request id: 409) never sends the app's held response: the refusal replaces it, or, when
+the frontend set ``usage.error_renderer`` (the pipeline) and the refusal is about the
+request, the ``(status, body)`` the renderer built.
 """
 
 from __future__ import annotations
@@ -15,10 +22,10 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from exporters import semconv as sc
-from exporters.ledger.base import LedgerWriteError
-from interceptors.billing_policy import LEDGER_FAILURE_MESSAGE
+from interceptors.billing_policy import rendered_by_frontend
 from interceptors.call import MeteredCall
 from interceptors.core import MeteringCore
+from serving.errors import ServingError, http_headers, http_status
 
 __all__ = ["MeteringMiddleware", "default_skip"]
 
@@ -29,8 +36,25 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _USAGE_HEADERS = frozenset(
-    {sc.HEADER_REQUEST_ID, sc.HEADER_USAGE_INPUT_TOKENS, sc.HEADER_USAGE_OUTPUT_TOKENS}
+    {
+        sc.HEADER_REQUEST_ID,
+        sc.HEADER_USAGE_INPUT_TOKENS,
+        sc.HEADER_USAGE_OUTPUT_TOKENS,
+        sc.HEADER_USAGE_REPLAY,
+    }
 )
+_JSON = b"application/json"
+# Reads (metadata, readiness, /v1/usage): never model calls, so they stay answerable while
+# the ledger cannot accept records.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+def _extra_headers(kind: str) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode(), v.encode()) for k, v in http_headers(kind).items()]
 
 
 def default_skip(path: str) -> bool:
@@ -109,10 +133,19 @@ class MeteringMiddleware:
                 span_name=f"{method} {path}",
                 carrier=carrier,
                 attributes=attrs,
+                may_bill=method not in _SAFE_METHODS,
             )
-        except Exception as exc:  # metering must not fail the request: serve unmetered
-            self.core.count_error("start", exc)
-            await self.app(scope, receive, send)
+        except Exception as exc:  # fail closed: what cannot be metered is not served
+            refusal = self.core.start_refusal(exc)
+            body = _error_body(refusal.message)
+            headers = [
+                (b"content-type", _JSON),
+                (b"content-length", str(len(body)).encode()),
+                *_extra_headers(refusal.kind),
+            ]
+            status = http_status(refusal.kind)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
             return
         responder = _Responder(receive, send)
         error: BaseException | None = None
@@ -163,15 +196,35 @@ class MeteringMiddleware:
                 response_bytes=len(body),
                 transport_attributes=attrs,
             )
-        except LedgerWriteError:
-            body = json.dumps({"error": LEDGER_FAILURE_MESSAGE}).encode()
-            await self._send(responder.send, call, None, 503, body, b"application/json")
+        except ServingError as refusal:  # the held response never leaves
+            await self._refuse(responder.send, call, refusal)
             return
         if start is None:
-            body = json.dumps({"error": "internal server error"}).encode()
-            await self._send(responder.send, call, None, 500, body, b"application/json")
+            body = _error_body("internal server error")
+            await self._send(responder.send, call, None, 500, body, _JSON)
             return
         await self._send(responder.send, call, start, status, body, None)
+
+    async def _refuse(self, send: Send, call: MeteredCall, refusal: ServingError) -> None:
+        """Answer a request refused after the app ran: the frontend's rendering of the
+        refusal, else the kind's status with ``{"error": message}``."""
+        try:
+            rendered = rendered_by_frontend(call.usage, refusal)
+            if rendered is not None:
+                status, body = rendered
+                await self._send(send, call, None, int(status), bytes(body), _JSON)
+                return
+        except Exception as exc:  # a broken renderer: the kind's own status still refuses
+            self.core.count_error("error_renderer", exc, call.request_id)
+        await self._send(
+            send,
+            call,
+            None,
+            http_status(refusal.kind),
+            _error_body(refusal.message),
+            _JSON,
+            _extra_headers(refusal.kind),
+        )
 
     @staticmethod
     async def _send(
@@ -181,6 +234,7 @@ class MeteringMiddleware:
         status: int,
         body: bytes,
         content_type: bytes | None,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         headers = [
             (k, v)
@@ -191,6 +245,7 @@ class MeteringMiddleware:
             headers = [
                 (b"content-type", content_type),
                 (b"content-length", str(len(body)).encode()),
+                *(extra_headers or ()),
             ]
         headers += [(k.encode(), v.encode()) for k, v in call.response_metadata()]
         response_start = dict(start) if start is not None else {"type": "http.response.start"}

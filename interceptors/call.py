@@ -6,8 +6,9 @@ in ``with call.activate():`` and ends with ``await call.finish(...)``, then send
 of the finishing steps; each step has its own home:
 
 - interceptors/request_id.py: which request id the call carries;
-- interceptors/billing_policy.py: whether it is billed, its billed tokens, pricing, and
-  failing the request when the record cannot be made durable;
+- interceptors/billing_policy.py: whether it is billed, its billed tokens, pricing,
+  replays and refusals of a reused request id, and failing the request when the record
+  cannot be made durable;
 - interceptors/record.py: the :class:`exporters.usage_record.UsageRecord`;
 - interceptors/telemetry_out.py: span attributes and metrics;
 - interceptors/response_meta.py: ``x-request-id`` / ``x-usage-*`` for the caller.
@@ -22,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from exporters.ledger.base import LedgerWriteError
 from exporters.usage_record import UsageRecord
 from interceptors.billing_policy import (
-    LEDGER_FAILURE,
     LEDGER_FAILURE_MESSAGE,
     is_billable,
     price_record,
+    refusal_status,
+    settle,
 )
 from interceptors.record import build_record
 from interceptors.request_id import resolve_request_id
@@ -36,8 +37,10 @@ from interceptors.response_meta import usage_metadata
 from interceptors.telemetry_out import emit
 from models import usage as usage_mod
 from models.usage import RequestUsage
+from serving.errors import ServingError
 
 if TYPE_CHECKING:
+    from exporters.ledger.base import BilledRecord
     from interceptors.core import MeteringCore
 
 __all__ = ["LEDGER_FAILURE_MESSAGE", "MeteredCall"]
@@ -52,7 +55,8 @@ class MeteredCall:
     before the response leaves, then send :meth:`response_metadata` to the caller.
     Read-only for the steps: ``header_request_id`` (the caller's valid ``x-request-id``),
     ``start_attributes`` (already on the span), ``start_wall_ns``, ``ok`` (True once a
-    finished call succeeded) and ``record`` (the record written, if any).
+    finished call succeeded), ``record`` (the record written, if any) and ``replay`` (on a
+    replay: the figures billed the first time, which the caller is told).
     """
 
     __slots__ = (
@@ -63,6 +67,7 @@ class MeteredCall:
         "usage",
         "tenant",
         "record",
+        "replay",
         "header_request_id",
         "start_attributes",
         "start_wall_ns",
@@ -91,6 +96,7 @@ class MeteredCall:
         self.usage = usage
         self.tenant = tenant
         self.record: UsageRecord | None = None
+        self.replay: BilledRecord | None = None
         self.header_request_id = header_id
         self.start_attributes = start_attributes
         self.start_wall_ns = time.time_ns()
@@ -146,13 +152,17 @@ class MeteredCall:
         response_bytes: int = 0,
         transport_attributes: Mapping[str, Any] | None = None,
     ) -> UsageRecord | None:
-        """End the call: write the ledger record, then the span and metrics.
+        """End the call: write the ledger record, judge the ledger's answer, then the
+        span and metrics.
 
         ``ok``/``status`` are the transport outcome ("OK"/gRPC code name, HTTP status);
         a frontend's ``usage.app_status`` turns a transport success into an error.
-        Returns the record written (None for non-billable calls). Raises
-        LedgerWriteError when the record could not be made durable; the transport must
-        then fail the request. Idempotent: a second call returns the first result.
+        Returns the record written (None for non-billable calls and replays; a replay
+        sets :attr:`replay`). Raises ServingError when the call must not be answered as
+        the handler did: ``unavailable`` (LEDGER_FAILURE_MESSAGE) when the record could
+        not be made durable, ``already_exists`` when the request id is refused
+        (interceptors/billing_policy.py). The transport must then replace the response.
+        Idempotent: a second call returns the first result.
         """
         if self._finished:
             return self.record
@@ -163,7 +173,7 @@ class MeteredCall:
         call_ok = ok and not app_status
         final_status = "ok" if call_ok else (app_status if ok and app_status else status)
         attrs = dict(transport_attributes or {})
-        ledger_error: BaseException | None = None
+        refusal: ServingError | None = None
         if self.billable():
             try:
                 record = build_record(
@@ -176,15 +186,22 @@ class MeteredCall:
                     record_content=core.record_content,
                 )
                 price_record(record, core.pricebook, core.count_error)
-                if core.ledger is not None:
-                    await core.ledger.submit(record)
-                self.record = record
+                outcome = None if core.ledger is None else await core.ledger.submit(record)
             except Exception as exc:  # not built or not durable: the call must fail
-                ledger_error = exc
                 core.count_error("ledger", exc, self.request_id)
-                final_status, key, value = LEDGER_FAILURE[self.protocol]
+                refusal = ServingError("unavailable", LEDGER_FAILURE_MESSAGE)
+                refusal.__cause__ = exc
+            else:
+                settlement = settle(record, outcome, core.max_replays)
+                refusal = settlement.refusal
+                if settlement.replay is not None:
+                    self.replay = settlement.replay
+                elif refusal is None:
+                    self.record = record
+            if refusal is not None:
+                final_status, key, value = refusal_status(self.protocol, refusal.kind)
                 attrs[key] = value
-                call_ok, error_message = False, LEDGER_FAILURE_MESSAGE
+                call_ok, error_message = False, refusal.message
         try:
             emit(
                 self,
@@ -201,6 +218,6 @@ class MeteredCall:
         finally:
             self.span.end()
         self.ok = call_ok
-        if ledger_error is not None:
-            raise LedgerWriteError(LEDGER_FAILURE_MESSAGE) from ledger_error
+        if refusal is not None:
+            raise refusal
         return self.record

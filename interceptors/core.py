@@ -9,12 +9,16 @@ per-request :class:`models.usage.RequestUsage`). Finishing a call (record, ledge
 span attributes, metrics, response metadata) is interceptors/call.py and the modules it
 names; the billing rules are interceptors/billing_policy.py.
 
-Failure policy (billing truth is the ledger):
+Failure policy (billing truth is the ledger; the rules are interceptors/billing_policy.py):
+- fail closed at start: :meth:`MeteringCore.start_call` raises ServingError for a call it
+  will not meter (malformed ``x-request-id`` / ``x-tenant``: ``invalid_argument``; a
+  ledger that can accept nothing: ``unavailable``), and the transport answers it without
+  running the handler; any other exception while starting is turned by
+  :meth:`MeteringCore.start_refusal` into ``unavailable`` "metering could not start";
 - the ledger write happens inside ``finish``, before the response leaves. If the record
-  cannot be built or the sink raises (LedgerWriteError or anything else), ``finish``
-  raises LedgerWriteError and the transport fails the request (gRPC UNAVAILABLE / HTTP
-  503, "usage could not be recorded; retry with the same x-request-id"): a
-  served-but-unbilled response must not happen;
+  cannot be built or the sink raises, or the ledger's answer makes the call a refused
+  reuse of a request id, ``finish`` raises ServingError and the transport replaces the
+  response: a served-but-unbilled response must not happen;
 - any other failure inside metering (span attributes, metrics, pricing) is logged with
   its type only, counted in ``paddle_meter.meter_errors``, and never fails the request.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,14 +38,22 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from exporters import semconv as sc
-from exporters.ledger.base import UsageSink
+from exporters.ledger.base import ReportsHealth, UsageSink
 from exporters.otel import Telemetry
-from interceptors.billing_policy import LEDGER_FAILURE_MESSAGE
+from interceptors.billing_policy import (
+    DEFAULT_MAX_REPLAYS,
+    LEDGER_CANNOT_ACCEPT_MESSAGE,
+    LEDGER_FAILURE_MESSAGE,
+    NON_BILLABLE_OPERATIONS,
+    START_FAILURE_MESSAGE,
+)
 from interceptors.call import MeteredCall
 from interceptors.instruments import Instruments, TenantCap
-from interceptors.request_id import carried_request_id
+from interceptors.ledger_metrics import LedgerMetrics
+from interceptors.request_id import carried_request_id, carried_tenant
 from models import usage as usage_mod
 from models.usage import RequestUsage
+from serving.errors import ServingError
 
 __all__ = ["LEDGER_FAILURE_MESSAGE", "MeteredCall", "MeteringCore", "default_tenant_resolver"]
 
@@ -50,8 +62,9 @@ log = logging.getLogger(__name__)
 _TRACECONTEXT = TraceContextTextMapPropagator()
 _NO_PARENT = Context()
 _BAGGAGE = W3CBaggagePropagator()
-_TENANT = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
-_CORE_OPTIONS = ("enabled", "record_content", "max_tenants_in_metrics")
+# W3C Trace Context / Baggage headers longer than this are ignored (a new trace).
+_MAX_PROPAGATION_HEADER = 512
+_CORE_OPTIONS = ("enabled", "record_content", "max_tenants_in_metrics", "max_replays")
 # The stage hook models.usage holds is process-global; this remembers which core's hook
 # it is, so close() never removes the hook of a newer core. (models.usage offers no
 # getter; hooks installed by code other than a MeteringCore are not tracked.)
@@ -59,13 +72,13 @@ _stage_hook_owner: MeteringCore | None = None
 
 
 def default_tenant_resolver(carrier: Mapping[str, str]) -> str:
-    """Tenant from the ``x-tenant`` header/metadata, ``default`` when absent or malformed.
+    """Tenant from the ``x-tenant`` header/metadata, ``default`` when absent; a malformed
+    one raises ServingError ``invalid_argument`` (interceptors/request_id.py).
 
     The one place tenants are decided; the authentication work replaces this function
-    (pass ``tenant_resolver=`` to :class:`MeteringCore`).
+    (pass ``tenant_resolver=`` to :class:`MeteringCore`; it may raise ServingError too).
     """
-    tenant = carrier.get(sc.HEADER_TENANT, "").strip()
-    return tenant if _TENANT.match(tenant) else sc.DEFAULT_TENANT
+    return carried_tenant(carrier)
 
 
 class MeteringCore:
@@ -75,6 +88,9 @@ class MeteringCore:
     through: no span, no record, no stage hook. The stage hook is process-global
     (models.usage), so the most recently built enabled core owns it until :meth:`close`.
     ``tenant_labels`` maps tenants to metric labels (capped at ``tenant_cap``).
+    ``max_replays``: how often one (tenant, request id) may be replayed (billing_policy.py).
+    A ledger implementing ReportsHealth is asked ``can_accept()`` at each call's start and
+    its health is exported as metrics (interceptors/ledger_metrics.py).
     """
 
     def __init__(
@@ -87,20 +103,29 @@ class MeteringCore:
         enabled: bool = True,
         record_content: bool = False,
         tenant_cap: int = sc.DEFAULT_TENANT_CAP,
+        max_replays: int = DEFAULT_MAX_REPLAYS,
     ) -> None:
         if enabled and telemetry is None:
             raise ValueError("an enabled MeteringCore needs a Telemetry (see setup_telemetry)")
+        if isinstance(max_replays, bool) or not isinstance(max_replays, int) or max_replays < 0:
+            raise ValueError(f"metering.max_replays must be an integer >= 0, not {max_replays!r}")
         self.enabled = enabled
         self.telemetry = telemetry
         self.ledger = ledger
         self.pricebook = pricebook
         self.record_content = record_content
+        self.max_replays = max_replays
         self._resolve_tenant = tenant_resolver
         self.tenant_labels = TenantCap(tenant_cap)
+        # Checked once here: isinstance against a runtime Protocol is slow per call.
+        self._ledger_health = ledger if isinstance(ledger, ReportsHealth) else None
+        self._ledger_metrics: LedgerMetrics | None = None
         if enabled:
             assert telemetry is not None
             self.tracer = telemetry.tracer
             self.instruments = Instruments(telemetry)
+            if self._ledger_health is not None:
+                self._ledger_metrics = LedgerMetrics(telemetry.meter, self._ledger_health)
             self._own_stage_hook()
 
     @classmethod
@@ -114,7 +139,8 @@ class MeteringCore:
     ) -> MeteringCore:
         """Build from the config file's ``metering`` block: ``enabled`` (bool; false is
         "metering off", for benchmarks), ``record_content`` (bool),
-        ``max_tenants_in_metrics`` (int). Raises ValueError on unknown keys or values."""
+        ``max_tenants_in_metrics`` (int), ``max_replays`` (int >= 0, default 10).
+        Raises ValueError on unknown keys or values."""
         values = dict(config or {})
         unknown = sorted(set(values) - set(_CORE_OPTIONS))
         if unknown:
@@ -129,11 +155,15 @@ class MeteringCore:
             enabled=enabled,
             record_content=bool(values.get("record_content", False)),
             tenant_cap=int(values.get("max_tenants_in_metrics", sc.DEFAULT_TENANT_CAP)),
+            max_replays=values.get("max_replays", DEFAULT_MAX_REPLAYS),
         )
 
     def close(self) -> None:
-        """Remove the stage hook if this core installed the current one; idempotent."""
+        """Remove the stage hook if this core installed the current one and stop the
+        ledger metrics; idempotent."""
         global _stage_hook_owner
+        if self._ledger_metrics is not None:
+            self._ledger_metrics.close()
         if self.enabled and _stage_hook_owner is self:
             _stage_hook_owner = None
             usage_mod.set_stage_factory(None)
@@ -152,15 +182,36 @@ class MeteringCore:
         carrier: Mapping[str, str],
         attributes: Mapping[str, Any],
         operation: str | None = None,
+        may_bill: bool = True,
     ) -> MeteredCall:
         """Open the SERVER span (parent = the caller's W3C context) and the usage object.
 
-        ``carrier`` is the request's headers/metadata with lower-case keys. Never raises
-        for bad input: a malformed traceparent starts a new trace, a bad id is replaced.
+        ``carrier`` is the request's headers/metadata with lower-case keys. Raises
+        ServingError when the call must not be served (fail closed; nothing is opened):
+        ``invalid_argument`` for a malformed ``x-request-id`` / ``x-tenant``,
+        ``unavailable`` when the ledger can accept no records, unless the call cannot
+        bill: ``operation`` is never billed (health, metadata ...) or the transport says
+        ``may_bill=False`` (an HTTP GET), so health checks and reads stay answerable.
+        A malformed or over-long traceparent / baggage is ignored (a new trace), as W3C
+        Trace Context says.
         """
+        header_id = carried_request_id(carrier)
+        tenant = self._resolve_tenant(carrier)
+        health = self._ledger_health
+        if (
+            health is not None
+            and may_bill
+            and operation not in NON_BILLABLE_OPERATIONS
+            and not health.can_accept()
+        ):
+            raise ServingError("unavailable", LEDGER_CANNOT_ACCEPT_MESSAGE)
         # No traceparent: a new trace (an explicit empty context, never the ambient one).
-        parent = _TRACECONTEXT.extract(carrier) if "traceparent" in carrier else _NO_PARENT
-        if "baggage" in carrier:
+        parent = _NO_PARENT
+        traceparent = carrier.get("traceparent")
+        if traceparent is not None and len(traceparent) <= _MAX_PROPAGATION_HEADER:
+            parent = _TRACECONTEXT.extract(carrier)
+        baggage = carrier.get("baggage")
+        if baggage is not None and len(baggage) <= _MAX_PROPAGATION_HEADER:
             parent = _BAGGAGE.extract(carrier, parent)
         span = self.tracer.start_span(
             span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes
@@ -173,10 +224,29 @@ class MeteringCore:
             endpoint,
             span,
             usage,
-            carried_request_id(carrier),
-            self._resolve_tenant(carrier),
+            header_id,
+            tenant,
             dict(attributes),  # a copy: transports may keep adding to theirs
         )
+
+    def start_refusal(self, exc: BaseException) -> ServingError:
+        """What a transport answers when :meth:`start_call` raised ``exc``: the
+        ServingError itself, or (anything else: a bug or a broken tenant resolver)
+        ``unavailable`` "metering could not start", logged at ERROR with its stack but
+        without its message (which may hold header values) and counted."""
+        if isinstance(exc, ServingError):
+            return exc
+        log.error(
+            "metering could not start: %s; the call was refused",
+            type(exc).__name__,
+            extra={
+                "where": "start",
+                "error_type": type(exc).__name__,
+                "stack": "".join(traceback.format_tb(exc.__traceback__)),
+            },
+        )
+        self.count_error("start", exc, log_it=False)
+        return ServingError("unavailable", START_FAILURE_MESSAGE)
 
     def _stage(
         self, name: str, attributes: Mapping[str, Any], links: Sequence[Any]
@@ -198,14 +268,22 @@ class MeteringCore:
             self.count_error("stage", exc)
             return contextlib.nullcontext()
 
-    def count_error(self, where: str, exc: BaseException, request_id: str | None = None) -> None:
+    def count_error(
+        self,
+        where: str,
+        exc: BaseException,
+        request_id: str | None = None,
+        *,
+        log_it: bool = True,
+    ) -> None:
         """Log (type only: carriers and messages may hold secrets) and count a failure."""
-        log.warning(
-            "metering error in %s: %s",
-            where,
-            type(exc).__name__,
-            extra={"where": where, "error_type": type(exc).__name__, "request_id": request_id},
-        )
+        if log_it:
+            log.warning(
+                "metering error in %s: %s",
+                where,
+                type(exc).__name__,
+                extra={"where": where, "error_type": type(exc).__name__, "request_id": request_id},
+            )
         with contextlib.suppress(Exception):
             attrs = {"where": where, sc.ERROR_TYPE: type(exc).__name__}
             self.instruments.meter_errors.add(1, attrs)

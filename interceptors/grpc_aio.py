@@ -10,9 +10,18 @@ Sizes are the serialized message bytes as they crossed the wire: the request
 deserializer is wrapped to note ``len(bytes)``, and the response is serialized once in the
 wrapper, with the handler's response serializer replaced by one that reuses those bytes.
 
-gRPC health (``grpc.health.v1``) and reflection calls get spans and metrics with
-operation ``health`` / ``reflection`` and never a ledger record. Requests whose bytes
-cannot be deserialized fail inside grpc before the handler runs and are not metered.
+gRPC health (``grpc.health.v1``) and reflection calls, and OIP's liveness, readiness and
+metadata methods, get spans and metrics with operation ``health`` / ``reflection`` /
+``metadata`` and never a ledger record (they stay answerable while the ledger cannot
+accept records). Requests whose bytes cannot be deserialized fail inside grpc before the
+handler runs and are not metered.
+
+Fail closed (interceptors/billing_policy.py): a call metering refuses at start is aborted
+with its kind's code (``invalid_argument`` / ``unavailable``) before the handler runs. A
+call refused when it finishes (its record not durable: UNAVAILABLE; a reused request id:
+ALREADY_EXISTS) never sends the handler's response: it is aborted with the kind's code,
+or, when the frontend set ``usage.error_renderer`` (the pipeline) and the refusal is
+about the request, answered OK with the message the renderer built.
 """
 
 from __future__ import annotations
@@ -27,10 +36,10 @@ import grpc
 import grpc.aio
 
 from exporters import semconv as sc
-from exporters.ledger.base import LedgerWriteError
-from interceptors.billing_policy import LEDGER_FAILURE_MESSAGE
+from interceptors.billing_policy import rendered_by_frontend
 from interceptors.call import MeteredCall
 from interceptors.core import MeteringCore
+from serving.errors import ServingError, grpc_code, grpc_trailers
 
 __all__ = ["MeteringServerInterceptor"]
 
@@ -38,6 +47,15 @@ _OPERATION_BY_SERVICE_PREFIX = (
     ("grpc.health.", "health"),
     ("grpc.reflection.", "reflection"),
 )
+# KServe Open Inference Protocol methods that never carry a model call.
+_OIP_SERVICE = "inference.GRPCInferenceService"
+_OPERATION_BY_OIP_METHOD = {
+    "ServerLive": "health",
+    "ServerReady": "health",
+    "ModelReady": "health",
+    "ServerMetadata": "metadata",
+    "ModelMetadata": "metadata",
+}
 
 
 class _Serialized:
@@ -149,7 +167,7 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
         service, _, name = method.lstrip("/").rpartition("/")
         operation = next(
             (op for prefix, op in _OPERATION_BY_SERVICE_PREFIX if service.startswith(prefix)),
-            None,
+            _OPERATION_BY_OIP_METHOD.get(name) if service == _OIP_SERVICE else None,
         )
         attrs = {
             sc.RPC_SYSTEM: sc.RPC_SYSTEM_GRPC,
@@ -216,9 +234,9 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
         details: str | None,
         request_bytes: int,
         response_bytes: int,
-    ) -> tuple[bool, tuple[tuple[str, Any], ...]]:
-        """Finish the call and set trailers; (False, ...) when the ledger refused it."""
-        written = True
+    ) -> tuple[ServingError | None, tuple[tuple[str, Any], ...]]:
+        """Finish the call and set trailers; the refusal when metering refused it."""
+        refusal = None
         try:
             await call.finish(
                 ok=code == grpc.StatusCode.OK,
@@ -232,12 +250,34 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
                     else {**attrs, sc.RPC_GRPC_STATUS_CODE: code.value[0]}
                 ),
             )
-        except LedgerWriteError:
-            written = False
+        except ServingError as exc:
+            refusal = exc
         trailers = ctx.trailing + tuple(call.response_metadata())
         if trailers:  # nothing to send for most non-model calls: skip grpc's metadata work
             context.set_trailing_metadata(trailers)
-        return written, trailers
+        return refusal, trailers
+
+    async def _refuse(
+        self,
+        call: MeteredCall,
+        context: grpc.aio.ServicerContext,
+        refusal: ServingError,
+        trailers: Any,
+        serialize: Callable[[Any], bytes],
+    ) -> _Serialized:
+        """Answer a call refused after its handler ran; the handler's response never leaves.
+
+        The frontend's rendering of the refusal (sent with status OK), else an abort with
+        the kind's code. Raises grpc's AbortError for the latter.
+        """
+        try:
+            rendered = rendered_by_frontend(call.usage, refusal)
+            if rendered is not None:
+                return _Serialized(serialize(rendered))
+        except Exception as exc:  # a broken renderer: the kind's own status still refuses
+            self._core.count_error("error_renderer", exc, call.request_id)
+        await _abort(context, refusal, trailers)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
     async def _cancelled(
         self,
@@ -249,7 +289,7 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
         """The client went away (or the deadline passed): record it, send nothing."""
         code = grpc.StatusCode.CANCELLED
         # Nothing was served, so a refused record leaves nothing unbilled.
-        with contextlib.suppress(LedgerWriteError):
+        with contextlib.suppress(ServingError):
             await call.finish(
                 ok=False,
                 status=code.name,
@@ -274,9 +314,9 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
             request_bytes = sizes.pop(id(request), 0)
             try:
                 call = start(context)
-            except Exception as exc:  # metering must not fail the request: serve unmetered
-                self._core.count_error("start", exc)
-                return await behavior(request, context)
+            except Exception as exc:  # fail closed: what cannot be metered is not served
+                refusal = self._core.start_refusal(exc)
+                await _abort(context, refusal, ())
             ctx = _MeteringContext(context)
             response, payload, error, aborted = None, None, None, False
             try:
@@ -300,7 +340,7 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
             final_attrs = by_code.get(code)
             if final_attrs is None:
                 final_attrs = by_code[code] = {**attrs, sc.RPC_GRPC_STATUS_CODE: code.value[0]}
-            written, trailers = await self._finish(
+            refusal, trailers = await self._finish(
                 call,
                 context,
                 ctx,
@@ -310,7 +350,9 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
                 request_bytes,
                 len(payload) if payload is not None else 0,
             )
-            await _conclude(context, written, trailers, error, aborted, code, ctx.details)
+            if refusal is not None:
+                return await self._refuse(call, context, refusal, trailers, serialize)
+            await _conclude(context, trailers, error, aborted, code, ctx.details)
             return _Serialized(payload) if payload is not None else response
 
         return metered_unary
@@ -328,14 +370,9 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
             request_bytes = sizes.pop(id(request), 0)
             try:
                 call = start(context)
-            except Exception as exc:  # metering must not fail the request: serve unmetered
-                self._core.count_error("start", exc)
-                if inspect.isasyncgenfunction(behavior):
-                    async for response in behavior(request, context):
-                        yield response
-                else:
-                    await behavior(request, context)
-                return
+            except Exception as exc:  # fail closed: what cannot be metered is not served
+                refusal = self._core.start_refusal(exc)
+                await _abort(context, refusal, ())
             ctx = _MeteringContext(context)
             response_bytes, error, aborted = 0, None, False
             try:
@@ -357,26 +394,35 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
                 code, error = grpc.StatusCode.UNKNOWN, exc
                 ctx.details = f"Unexpected {type(exc).__name__}"
                 call.span.record_exception(exc)
-            written, trailers = await self._finish(
+            refusal, trailers = await self._finish(
                 call, context, ctx, attrs, code, ctx.details, request_bytes, response_bytes
             )
-            await _conclude(context, written, trailers, error, aborted, code, ctx.details)
+            if refusal is not None:  # streamed items already left: only the status can refuse
+                await _abort(context, refusal, trailers)
+            await _conclude(context, trailers, error, aborted, code, ctx.details)
 
         return metered_stream
 
 
+async def _abort(
+    context: grpc.aio.ServicerContext, refusal: ServingError, trailers: Any
+) -> None:
+    """Refuse with the kind's code; ``retry-after`` where HTTP would send Retry-After."""
+    extra = grpc_trailers(refusal.kind)
+    await context.abort(
+        grpc_code(refusal.kind), refusal.message, (*trailers, *extra) if extra else trailers
+    )
+
+
 async def _conclude(
     context: grpc.aio.ServicerContext,
-    written: bool,
     trailers: Any,
     error: BaseException | None,
     aborted: bool,
     code: grpc.StatusCode,
     details: str | None,
 ) -> None:
-    """After metering finished: fail an unrecorded call, re-raise, or re-abort as the handler did."""
-    if not written:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, LEDGER_FAILURE_MESSAGE, trailers)
+    """After metering finished (not refused): re-raise, or re-abort as the handler did."""
     if error is not None:
         raise error
     if aborted:

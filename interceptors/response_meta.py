@@ -1,5 +1,8 @@
 """What a metered call tells its caller: ``x-request-id`` and the billed token counts.
 
+A replay (interceptors/billing_policy.py) reports the counts billed the first time and
+``x-usage-replay: true``, so what a caller is told always matches the ledger.
+
 Sent as gRPC trailing metadata (interceptors/grpc_aio.py) or HTTP response headers
 (interceptors/asgi.py), after :meth:`interceptors.call.MeteredCall.finish`.
 """
@@ -29,6 +32,14 @@ def usage_metadata(call: MeteredCall) -> list[tuple[str, str]]:
     if not (is_billable(usage) or usage.input_tokens or usage.output_tokens):
         carried = call.header_request_id is not None or usage.request_id is not None
         return [(sc.HEADER_REQUEST_ID, call.request_id)] if carried else []
+    replay = call.replay
+    if replay is not None:
+        return [
+            (sc.HEADER_REQUEST_ID, call.request_id),
+            (sc.HEADER_USAGE_INPUT_TOKENS, str(replay.input_tokens)),
+            (sc.HEADER_USAGE_OUTPUT_TOKENS, str(replay.output_tokens)),
+            (sc.HEADER_USAGE_REPLAY, "true"),
+        ]
     billed_in, billed_out = billed_tokens(usage, call.ok)
     return [
         (sc.HEADER_REQUEST_ID, call.request_id),

@@ -5,6 +5,11 @@ write (so the span carries the record's price); the span is ended by the caller.
 whatever the SDK raises: the caller counts it in ``paddle_meter.meter_errors`` and never
 fails the request for it. Usage attributes and the model-call histograms only appear
 where there is a model: health calls stay cheap (each SDK measurement costs ~15 us).
+
+A replay (``call.replay``, interceptors/billing_policy.py) puts the ORIGINAL billed figures
+on its span with ``paddle_meter.usage.replay=True`` and adds nothing to
+``paddle_meter.tokens`` (it still counts in ``paddle_meter.requests``), so token sums agree
+with the ledger, which billed the key once.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ def _set_span(
     response_bytes: int,
     transport_attrs: Mapping[str, Any],
 ) -> None:
-    usage, span, record = call.usage, call.span, call.record
+    usage, span, record, replay = call.usage, call.span, call.record, call.replay
     billed_in, billed_out = billed_tokens(usage, ok)
     start = call.start_attributes  # already on the span: not cleaned and set twice
     attrs: dict[str, Any] = {
@@ -69,6 +74,12 @@ def _set_span(
         attrs[sc.PADDLE_METER_CHARACTERS] = usage.characters
         attrs[sc.PADDLE_METER_IMAGES] = usage.images
         attrs[sc.PADDLE_METER_BILLABLE_TOKENS] = billed_in + billed_out
+    if replay is not None:  # what the caller is told: the figures billed the first time
+        attrs[sc.PADDLE_METER_USAGE_REPLAY] = True
+        attrs[sc.GEN_AI_USAGE_INPUT_TOKENS] = replay.input_tokens
+        attrs[sc.GEN_AI_USAGE_OUTPUT_TOKENS] = replay.output_tokens
+        attrs[sc.PADDLE_METER_BILLABLE_TOKENS] = replay.billable_tokens
+        record = replay  # its cost and price id below
     if usage.operation is not None:
         attrs[sc.GEN_AI_OPERATION_NAME] = usage.operation
     if usage.model_version:
@@ -102,7 +113,7 @@ def _record_metrics(
     tenant_label = call.core.tenant_labels.label(call.tenant)
     base_key = (call.protocol, usage.model, usage.operation, tenant_label)
     ins.requests.add(1, (*base_key, status))
-    if ok and model_call:
+    if ok and model_call and call.replay is None:  # a replay was billed (and counted) before
         if billed_in:
             ins.tokens.add(billed_in, (*base_key, sc.GEN_AI_TOKEN_TYPE_INPUT))
         if billed_out:

@@ -32,6 +32,7 @@ __all__ = [
     "InvalidInput",
     "ModelAdapter",
     "ModelError",
+    "Overloaded",
     "ResourceLimit",
     "TokenCount",
     "Unavailable",
@@ -73,6 +74,13 @@ class Unavailable(ModelError):
     """The model cannot take work right now (it is shutting down)."""
 
     kind = "unavailable"
+
+
+class Overloaded(ModelError):
+    """Too much work is queued already (a bounded queue is full); the caller should retry
+    later. Raised at once rather than queueing without limit."""
+
+    kind = "overloaded"
 
 
 @dataclasses.dataclass(frozen=True)

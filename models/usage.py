@@ -48,6 +48,12 @@ class RequestUsage:
     content_sha256: str | None = None
     # Opaque trace handle of the request span, so batch spans can link back to it.
     trace_link: Any = None
+    # Set by a frontend whose protocol answers errors in its body (the pipeline):
+    # ``error_renderer(kind, message)`` builds that answer when metering refuses the call
+    # after the handler ran (an idempotency conflict). HTTP: returns ``(status, body)``
+    # with a JSON body; gRPC: the response message, sent with status OK. None: the
+    # transport answers with the kind's own gRPC code / HTTP status and {"error": message}.
+    error_renderer: Callable[[str, str], Any] | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def add(

@@ -7,6 +7,18 @@ NOT_SERVING, stop accepting, let in-flight requests finish within the grace peri
 drain the models (batches still queued run, so their stage spans reach a live tracer) and
 close them with the inference pool, and last flush metering and the ledger, so every
 record of a finished request is written before the process exits.
+
+Readiness (``/v2/health/ready``, gRPC ServerReady and ``grpc.health.v1``) is one answer,
+:meth:`PaddleMeterServer.ready`: every model loaded AND the ledger able to accept records
+(``ReportsHealth.can_accept``). While the ledger can neither commit nor spool, or its
+writer queue is full, calls would be refused, so the server says it is not ready and a
+load balancer sends traffic elsewhere. grpc.health is refreshed on each Check and every
+second for Watch streams.
+
+Back-pressure, per transport: gRPC calls pass serving/grpc_guard.py (after metering,
+``server.max_concurrent_rpcs``, grpc's own limit a little higher), HTTP requests pass
+serving/http_app.py's ConcurrencyLimit (``server.max_concurrent_http``), inferences the
+model host's bounded pool (``server.max_queued_inferences``).
 """
 
 from __future__ import annotations
@@ -25,9 +37,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc
 
+from exporters.ledger.base import ReportsHealth
 from serving import oip_grpc, pipeline_grpc
 from serving.data_dir import prepare_data_dir
-from serving.http_app import BodyLimit, build_http_app
+from serving.grpc_guard import GrpcGuard, grpc_backstop
+from serving.http_app import BodyLimit, ConcurrencyLimit, build_http_app
 from serving.metering_setup import Metering, build_metering
 from serving.model_host import ModelHost
 from serving.proto import pipeline_service_pb2_grpc
@@ -53,6 +67,37 @@ def _listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
+_HEALTH_SERVICES = ("", oip_grpc.SERVICE_NAME, pipeline_grpc.SERVICE_NAME)
+_HEALTH_REFRESH_S = 1.0  # how often Watch streams hear a readiness change
+
+
+class _ReadinessHealth(health.aio.HealthServicer):
+    """grpc.health.v1 whose answer follows the server's readiness (models and ledger)."""
+
+    def __init__(self, ready: Any) -> None:
+        super().__init__()
+        self._ready = ready
+        self._serving: bool | None = None
+        self.shutting_down = False
+
+    async def refresh(self) -> None:
+        serving = self._ready() and not self.shutting_down
+        if serving != self._serving:
+            self._serving = serving
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in _HEALTH_SERVICES:
+                await self.set(name, status)
+
+    async def Check(self, request, context):  # noqa: N802 (grpc method name)
+        if not self.shutting_down:
+            await self.refresh()
+        return await super().Check(request, context)
+
+
 class PaddleMeterServer:
     """Both transports over one ModelHost. Ports of 0 pick free ones (see ``*_port`` after start)."""
 
@@ -65,14 +110,30 @@ class PaddleMeterServer:
         self._reuse_port = int(server.get("workers", 1)) > 1
         self._grace_s = float(server["shutdown_grace_s"])
         self._max_bytes = int(server["max_message_bytes"])
+        self._max_rpcs = int(server["max_concurrent_rpcs"])
+        self._max_http = int(server["max_concurrent_http"])
+        self._max_json_depth = int(server["max_json_depth"])
         self.models = ModelHost(config["models"], server)
         self.metering: Metering | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = _ReadinessHealth(self.ready)
+        self._health_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+
+    def ready(self) -> bool:
+        """Every model ready and the ledger (if any) able to accept a record now."""
+        ledger = self.metering.ledger if self.metering is not None else None
+        if isinstance(ledger, ReportsHealth) and not ledger.can_accept():
+            return False
+        return self.models.all_ready()
+
+    async def _refresh_health(self) -> None:
+        while True:
+            await self._health.refresh()
+            await asyncio.sleep(_HEALTH_REFRESH_S)
 
     async def start(self) -> None:
         data_dir = prepare_data_dir(self.config["server"]["data_dir"])
@@ -80,8 +141,8 @@ class PaddleMeterServer:
         self.metering = build_metering(self.config, data_dir)
         await self._start_grpc()
         await self._start_http()
-        for name in ("", oip_grpc.SERVICE_NAME, pipeline_grpc.SERVICE_NAME):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._health.refresh()
+        self._health_task = asyncio.create_task(self._refresh_health())
         log.info(
             "serving",
             extra={
@@ -99,9 +160,15 @@ class PaddleMeterServer:
             ("grpc.max_receive_message_length", self._max_bytes),
             ("grpc.max_send_message_length", self._max_bytes),
         ]
-        server = grpc.aio.server(interceptors=self.metering.grpc_interceptors, options=options)
+        # The guard after metering: metering sees (and records) what the guard answers.
+        interceptors = [*self.metering.grpc_interceptors, GrpcGuard(self._max_rpcs)]
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=options,
+            maximum_concurrent_rpcs=grpc_backstop(self._max_rpcs),
+        )
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            oip_grpc.OipGrpcService(self.models), server
+            oip_grpc.OipGrpcService(self.models, self.ready), server
         )
         pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
             pipeline_grpc.PipelineGrpcService(self.models), server
@@ -126,9 +193,16 @@ class PaddleMeterServer:
 
     async def _start_http(self) -> None:
         assert self.metering is not None
-        app = build_http_app(self.models, extra_routers=self.metering.http_routers)
-        # Inside metering, so an oversized request still gets its (error) span.
-        asgi = self.metering.wrap_asgi(BodyLimit(app, self._max_bytes))
+        app = build_http_app(
+            self.models,
+            extra_routers=self.metering.http_routers,
+            ready=self.ready,
+            max_json_depth=self._max_json_depth,
+        )
+        # Inside metering, so an oversized or refused request still gets its (error) span.
+        asgi = self.metering.wrap_asgi(
+            ConcurrencyLimit(BodyLimit(app, self._max_bytes), self._max_http)
+        )
         sock = _listen_socket(self._host_addr, self.http_port, self._reuse_port)
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(
@@ -155,6 +229,9 @@ class PaddleMeterServer:
             return
         self._stopping = True
         log.info("shutting down", extra={"grace_s": self._grace_s})
+        if self._health_task is not None:
+            self._health_task.cancel()
+        self._health.shutting_down = True
         await self._health.enter_graceful_shutdown()
         waits = []
         if self._http is not None:

@@ -45,7 +45,18 @@ _LEDGER_OPTIONS = (
     "busy_timeout_ms",
     "synchronous",
     "connect_timeout_s",
+    "max_pending",
 )
+# Integer settings and their least value: a wrong one must fail at start-up, not under load.
+_POSITIVE_INTS = {
+    ("server", "max_concurrent_rpcs"): 1,
+    ("server", "max_concurrent_http"): 1,
+    ("server", "max_queued_inferences"): 0,
+    ("server", "max_json_depth"): 1,
+    ("server", "inference_threads"): 1,
+    ("metering", "max_replays"): 0,
+    ("ledger", "max_pending"): 1,
+}
 
 
 class ConfigError(ValueError):
@@ -90,6 +101,15 @@ def _validate_headers(headers: Mapping[str, Any]) -> None:
             )
 
 
+def _validate_ints(config: Mapping[str, Any]) -> None:
+    for (block, key), least in _POSITIVE_INTS.items():
+        value = config[block][key]
+        if value is None and block == "ledger":  # null: the writer's default
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{block}.{key}: expected an integer >= {least}, got {value!r}")
+
+
 def load_config(
     path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -109,6 +129,7 @@ def load_config(
         _merge(config, overrides, ())
     _validate_models(config["models"] or {})
     _validate_headers(config["telemetry"]["otlp_headers"] or {})
+    _validate_ints(config)
     return config
 
 

@@ -1,6 +1,9 @@
 """The one path from a decoded request to model results, shared by all four frontends.
 
-It tells the metering context what is being served (model, version, operation, the
+It looks the model up first: a name this server does not serve is answered ``not_found``
+before the metering context hears of it, so it writes no ledger row and adds no ``model``
+metric label value (anyone could otherwise grow both without limit). For a served model it
+then tells the metering context what is being served (model, version, operation, the
 protocol-level request id, a digest of the payload) before running the model, so even a
 request that fails to decode is recorded against the model it asked for.
 """
@@ -23,13 +26,12 @@ async def run_model(
     host: ModelHost, name: str, decode: Decoder, *, request_id: str | None = None
 ) -> tuple[ServedModel, list[Any]]:
     """Decode with the model's codec and infer; raises ServingError for anything bad."""
+    served = host.get(name)  # first: an unknown name must reach neither ledger nor metrics
     usage = current_usage()
     if usage is not None:
         usage.model = name
         if request_id:
             usage.request_id = request_id
-    served = host.get(name)
-    if usage is not None:
         usage.model_version = served.version
         usage.operation = served.operation
     items, payloads = decode(served.codec)
@@ -47,10 +49,10 @@ async def tokenize(host: ModelHost, name: str, text: Any, text_pair: Any = None)
     Metered as operation ``tokenize``, which is never billed: it is how callers estimate a
     cost before they pay it. Raises ServingError (unknown model, no tokenizer, bad text).
     """
+    served = host.get(name)  # first, as in run_model
     usage = current_usage()
     if usage is not None:
         usage.model, usage.operation = name, "tokenize"
-    served = host.get(name)
     counted = await served.count_tokens(text, text_pair)
     return {
         "model": name,

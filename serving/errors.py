@@ -7,18 +7,25 @@ adapter); the protocol layer turns it into a gRPC status, an HTTP status with OI
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 
 from models.base import ModelError
+from models.usage import current_usage
 
 __all__ = [
     "ServingError",
     "as_serving_error",
     "grpc_code",
+    "grpc_trailers",
+    "http_headers",
     "http_status",
+    "log_internal",
     "pipeline_err_no",
+    "RETRY_AFTER_S",
     "unknown_model",
 ]
 
@@ -32,6 +39,16 @@ class ServingError(Exception):
         self.message = message
 
 
+log = logging.getLogger(__name__)
+
+# Longest x-request-id put into a log line (the metering policy refuses longer ones; with
+# metering off nothing checked it).
+_MAX_LOGGED_ID = 128
+
+#: seconds a client is told to wait before retrying an HTTP 503 (``Retry-After``) or a gRPC
+#: RESOURCE_EXHAUSTED / UNAVAILABLE answer (trailing metadata ``retry-after``)
+RETRY_AFTER_S = 1
+
 _GRPC = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
     "not_found": grpc.StatusCode.NOT_FOUND,
@@ -40,6 +57,8 @@ _GRPC = {
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "unimplemented": grpc.StatusCode.UNIMPLEMENTED,
     "internal": grpc.StatusCode.INTERNAL,
+    "already_exists": grpc.StatusCode.ALREADY_EXISTS,
+    "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 _HTTP = {
     "invalid_argument": 400,
@@ -49,6 +68,8 @@ _HTTP = {
     "unavailable": 503,
     "unimplemented": 501,
     "internal": 500,
+    "already_exists": 409,
+    "overloaded": 503,  # with Retry-After (RETRY_AFTER_S): back-pressure, not a size limit
 }
 # Paddle Serving 0.9's CustomExceptionCode (pipeline/error_catch.py), so its clients' checks hold.
 _PIPELINE = {
@@ -59,6 +80,8 @@ _PIPELINE = {
     "unavailable": 3001,  # CLOSED_ERROR
     "unimplemented": 3000,  # NOT_IMPLEMENTED
     "internal": 10000,  # UNKNOW
+    "already_exists": 5000,  # INPUT_PARAMS_ERROR: the caller reused a request id
+    "overloaded": 3001,  # CLOSED_ERROR, as Paddle Serving answers when it cannot take work
 }
 
 
@@ -83,12 +106,36 @@ def as_serving_error(exc: BaseException) -> ServingError:
     return ServingError("internal", f"internal error: {type(exc).__name__}")
 
 
+def log_internal(exc: BaseException, request_id: str | None, **fields: Any) -> None:
+    """Log a request that will be answered 500 / INTERNAL / err_no 10000: ERROR, with the
+    traceback (the ServingError's cause chain) and the caller's request id, so the one
+    failed call can be found. Every such path on the OIP and pipeline surfaces calls this.
+    Without an x-request-id the id metering gave the call (its ledger key) is logged."""
+    if not request_id and (usage := current_usage()) is not None:
+        request_id = usage.request_id
+    log.error(
+        "request failed with an internal error",
+        exc_info=(type(exc), exc, exc.__traceback__),
+        extra={"request_id": (request_id or "")[:_MAX_LOGGED_ID] or None, **fields},
+    )
+
+
 def grpc_code(kind: str) -> grpc.StatusCode:
     return _GRPC.get(kind, grpc.StatusCode.INTERNAL)
 
 
 def http_status(kind: str) -> int:
     return _HTTP.get(kind, 500)
+
+
+def http_headers(kind: str) -> dict[str, str]:
+    """Extra headers for an HTTP error answer of ``kind``: every 503 says ``Retry-After``."""
+    return {"Retry-After": str(RETRY_AFTER_S)} if http_status(kind) == 503 else {}
+
+
+def grpc_trailers(kind: str) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata for a gRPC error of ``kind``: ``retry-after`` where HTTP sends it."""
+    return (("retry-after", str(RETRY_AFTER_S)),) if http_status(kind) == 503 else ()
 
 
 def pipeline_err_no(kind: str) -> int:

@@ -3,8 +3,16 @@
 OIP REST follows KServe v2 including Triton's binary tensor data extension (a JSON header of
 ``Inference-Header-Content-Length`` bytes followed by raw tensors), which the real
 ``tritonclient.http`` uses by default. Errors are OIP's ``{"error": "..."}`` with 400 / 404 /
-413 / 504. The pipeline form is ``POST /{name}/{method}`` with the pipeline messages as JSON.
-Metering wraps this app from outside (interceptors/asgi.py); nothing here knows about it.
+409 / 413 / 503 (with ``Retry-After``) / 504. The pipeline form is ``POST /{name}/{method}``
+with the pipeline messages as JSON. Every JSON body is parsed by serving/json_body.py
+(nesting limit ``server.max_json_depth``); a 500 that still happens is logged with its
+traceback and the request id.
+
+Two pure ASGI guards go around the app: :class:`ConcurrencyLimit` (at most
+``server.max_concurrent_http`` requests in the app, the excess answered 503 at once) and
+:class:`BodyLimit` (413 for a body over ``server.max_message_bytes``, declared or chunked).
+Metering wraps them from outside (interceptors/asgi.py), so refused calls are metered too;
+nothing here knows about it.
 """
 
 from __future__ import annotations
@@ -15,25 +23,49 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
+from interceptors.asgi import default_skip
+from models.usage import current_usage
 from serving import oip
 from serving.dispatch import tokenize
-from serving.errors import ServingError, as_serving_error, http_status, pipeline_err_no
+from serving.errors import (
+    ServingError,
+    as_serving_error,
+    http_headers,
+    http_status,
+    log_internal,
+    pipeline_err_no,
+)
+from serving.json_body import parse_json
 from serving.model_host import ModelHost
-from serving.pipeline import answer_pipeline
+from serving.pipeline import PipelineReply, answer_pipeline, error_reply
 from serving.version import SERVER_NAME, SERVER_VERSION
 
-__all__ = ["BodyLimit", "build_http_app"]
+__all__ = ["BodyLimit", "ConcurrencyLimit", "build_http_app"]
 
 _HEADER_LENGTH = "inference-header-content-length"
+DEFAULT_MAX_JSON_DEPTH = 64
 
 
-def _error(exc: BaseException) -> JSONResponse:
+def _error(exc: BaseException, request: Request | None = None) -> JSONResponse:
+    """The OIP error answer for ``exc``; an internal one is logged with its traceback."""
+    if isinstance(exc, ClientDisconnect):  # nobody is left to answer; not a server fault
+        exc = ServingError("invalid_argument", "the client disconnected before sending its body")
     error = as_serving_error(exc)
-    return JSONResponse({"error": error.message}, status_code=http_status(error.kind))
+    if error.kind == "internal":
+        caller_id = request.headers.get("x-request-id") if request is not None else None
+        log_internal(exc, caller_id, surface="http", path=request.url.path if request else None)
+    return JSONResponse(
+        {"error": error.message},
+        status_code=http_status(error.kind),
+        headers=http_headers(error.kind),
+    )
 
 
-def _parse_oip_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+def _parse_oip_body(
+    body: bytes, header_length: str | None, max_depth: int
+) -> tuple[dict[str, Any], bytes]:
     if not body:
         raise ServingError(
             "invalid_argument", "empty request body: send an OIP v2 inference request"
@@ -51,10 +83,7 @@ def _parse_oip_body(body: bytes, header_length: str | None) -> tuple[dict[str, A
                 "invalid_argument", "Inference-Header-Content-Length is outside the body"
             )
         json_part, binary = body[:size], body[size:]
-    try:
-        document = json.loads(json_part)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ServingError("invalid_argument", f"request body is not valid JSON: {exc}") from None
+    document = parse_json(json_part, max_depth=max_depth)
     if not isinstance(document, dict) or not isinstance(document.get("inputs"), list):
         raise ServingError("invalid_argument", "request JSON needs an 'inputs' list")
     return document, binary
@@ -70,12 +99,19 @@ def _read_inputs(document: dict[str, Any], binary: bytes) -> Iterator[oip.Tensor
                 "invalid_argument", "each input needs 'name', 'datatype' and 'shape'"
             )
         name, datatype, shape = tensor["name"], tensor["datatype"], tensor["shape"]
-        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise ServingError("invalid_argument", "an input's 'name' and 'datatype' are strings")
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
             raise ServingError(
                 "invalid_argument", f"input {name!r}: 'shape' must be a list of integers"
             )
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        size = _parameters(tensor, f"input {name!r}").get("binary_data_size")
         if size is not None:
+            if not _is_int(size) or size < 0:
+                raise ServingError(
+                    "invalid_argument",
+                    f"input {name!r}: 'binary_data_size' must be an integer >= 0",
+                )
             if offset + int(size) > len(binary):
                 raise ServingError(
                     "invalid_argument", f"input {name!r}: binary data shorter than declared"
@@ -91,12 +127,31 @@ def _read_inputs(document: dict[str, Any], binary: bytes) -> Iterator[oip.Tensor
             )
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parameters(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    """``entry["parameters"]`` (absent or null: none); ServingError if it is no object."""
+    params = entry.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ServingError("invalid_argument", f"{where}: 'parameters' must be a JSON object")
+    return params
+
+
 def _requested_outputs(document: dict[str, Any]) -> list[oip.RequestedOutput]:
+    outputs = document.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise ServingError("invalid_argument", "'outputs' must be a list")
     requested = []
-    for output in document.get("outputs") or []:
-        params = output.get("parameters") or {}
+    for output in outputs:
+        if not isinstance(output, dict) or not isinstance(output.get("name"), str):
+            raise ServingError("invalid_argument", "each requested output needs a 'name' string")
+        params = _parameters(output, f"output {output['name']!r}")
         binary = bool(params["binary_data"]) if "binary_data" in params else None
-        requested.append(oip.RequestedOutput(output.get("name"), binary))
+        requested.append(oip.RequestedOutput(output["name"], binary))
     return requested
 
 
@@ -131,7 +186,7 @@ def _oip_response(result: oip.InferResult, request_id: Any) -> Response:
     )
 
 
-def _oip_router(host: ModelHost) -> APIRouter:
+def _oip_router(host: ModelHost, ready: Callable[[], bool], max_depth: int) -> APIRouter:
     router = APIRouter()
 
     @router.get("/v2/health/live")
@@ -139,8 +194,8 @@ def _oip_router(host: ModelHost) -> APIRouter:
         return {"live": True}
 
     @router.get("/v2/health/ready")
-    async def ready() -> Response:
-        ok = host.all_ready()
+    async def server_ready() -> Response:
+        ok = ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @router.get("/v2")
@@ -149,30 +204,32 @@ def _oip_router(host: ModelHost) -> APIRouter:
 
     @router.get("/v2/models/{name}")
     @router.get("/v2/models/{name}/versions/{version}")
-    async def model_metadata(name: str, version: str | None = None) -> Response:
+    async def model_metadata(name: str, request: Request, version: str | None = None) -> Response:
         try:
             return JSONResponse(oip.model_metadata(host, name))
-        except ServingError as exc:
-            return _error(exc)
+        except Exception as exc:
+            return _error(exc, request)
 
     @router.get("/v2/models/{name}/ready")
     @router.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_ready(name: str, version: str | None = None) -> Response:
+    async def model_ready(name: str, request: Request, version: str | None = None) -> Response:
         try:
-            ready = oip.model_ready(host, name)
-        except ServingError as exc:
-            return _error(exc)
-        return JSONResponse(ready, status_code=200 if ready["ready"] else 503)
+            answer = oip.model_ready(host, name)
+        except Exception as exc:
+            return _error(exc, request)
+        return JSONResponse(answer, status_code=200 if answer["ready"] else 503)
 
     @router.post("/v2/models/{name}/infer")
     @router.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         try:
             document, binary = _parse_oip_body(
-                await request.body(), request.headers.get(_HEADER_LENGTH)
+                await request.body(), request.headers.get(_HEADER_LENGTH), max_depth
             )
             request_id = document.get("id")
-            params = document.get("parameters") or {}
+            if request_id is not None and not (isinstance(request_id, str) or _is_int(request_id)):
+                raise ServingError("invalid_argument", "the request's 'id' must be a string")
+            params = _parameters(document, "request")
             result = await oip.infer(
                 host,
                 name,
@@ -181,72 +238,96 @@ def _oip_router(host: ModelHost) -> APIRouter:
                 binary_default=bool(params.get("binary_data_output", False)),
                 request_id=str(request_id) if request_id else None,
             )
+            return _oip_response(result, request_id)
         except Exception as exc:
-            return _error(exc)
-        return _oip_response(result, request_id)
+            return _error(exc, request)
 
     return router
 
 
-async def _json_object(request: Request, shape: str) -> dict[str, Any]:
+async def _json_object(request: Request, shape: str, max_depth: int) -> dict[str, Any]:
     """The request body as a JSON object; ServingError naming the expected ``shape``."""
     try:
-        document = json.loads(await request.body() or b"null")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ServingError(
-            "invalid_argument", f"request body is not valid JSON ({exc}); send {shape}"
-        ) from None
+        document = parse_json(await request.body() or b"null", max_depth=max_depth)
+    except ServingError as exc:
+        raise ServingError(exc.kind, f"{exc.message}; send {shape}") from None
     if not isinstance(document, dict):
         raise ServingError("invalid_argument", f"request body must be a JSON object like {shape}")
     return document
 
 
-def _tokenize_router(host: ModelHost) -> APIRouter:
+def _tokenize_router(host: ModelHost, max_depth: int) -> APIRouter:
     router = APIRouter()
 
     @router.post("/v1/tokenize")
     async def count_tokens(request: Request) -> Response:
         """{"model": "ernie", "text": "...", "text_pair": null} -> ids and the billed count."""
         try:
-            document = await _json_object(request, '{"model": "<name>", "text": "..."}')
-            if "text" not in document:
-                raise ServingError("invalid_argument", 'send {"model": "<name>", "text": "..."}')
+            shape = '{"model": "<name>", "text": "..."}'
+            document = await _json_object(request, shape, max_depth)
             name = document.get("model") or host.default_name() or ""
+            if "text" not in document or not isinstance(name, str):
+                raise ServingError("invalid_argument", f"send {shape}")
             return JSONResponse(
                 await tokenize(host, name, document["text"], document.get("text_pair"))
             )
         except Exception as exc:
-            return _error(exc)
+            return _error(exc, request)
 
     return router
 
 
-def _pipeline_router(host: ModelHost) -> APIRouter:
+def _pipeline_json(reply: PipelineReply) -> bytes:
+    """A pipeline reply as Paddle Serving's HTTP gateway frames it."""
+    document = {"err_no": reply.err_no, "err_msg": reply.err_msg, "key": reply.keys}
+    document["value"] = reply.values
+    return json.dumps(document, ensure_ascii=False).encode("utf-8")
+
+
+def _render_pipeline_error(kind: str, message: str) -> tuple[int, bytes]:
+    """``usage.error_renderer`` of the pipeline over HTTP: status 200, err_no in the body."""
+    return 200, _pipeline_json(error_reply(kind, message))
+
+
+def _pipeline_router(host: ModelHost, max_depth: int) -> APIRouter:
     router = APIRouter()
 
     @router.post("/{name}/{method}")
     async def pipeline(name: str, method: str, request: Request) -> Response:
+        if (usage := current_usage()) is not None:
+            usage.error_renderer = _render_pipeline_error
+        caller_id = request.headers.get("x-request-id")
         # An unreadable body is an HTTP error, as Paddle Serving's gateway makes it; a
         # readable one with bad fields is answered the pipeline way, with err_no.
         try:
-            document = await _json_object(request, '{"key": [...], "value": [...]}')
-            logid = int(document.get("logid") or 0)
-        except (ServingError, ValueError, TypeError) as exc:
-            message = exc.message if isinstance(exc, ServingError) else f"bad logid: {exc}"
+            document = await _json_object(request, '{"key": [...], "value": [...]}', max_depth)
+            logid = document.get("logid") or 0
+            if isinstance(logid, str) and logid.isascii() and logid.isdigit():
+                logid = int(logid)  # some clients send it as a string
+            if not _is_int(logid) or not 0 <= logid < 2**64:
+                raise ServingError("invalid_argument", "bad logid: send an integer >= 0")
+        except Exception as exc:
+            if isinstance(exc, ClientDisconnect):
+                exc = ServingError("invalid_argument", "the client disconnected")
+            error = as_serving_error(exc)
+            if error.kind == "internal":
+                log_internal(exc, caller_id, surface="pipeline-http", path=request.url.path)
             return JSONResponse(
-                {"err_no": pipeline_err_no("invalid_argument"), "err_msg": message}, status_code=400
+                {"err_no": pipeline_err_no(error.kind), "err_msg": error.message},
+                status_code=http_status(error.kind),
+                headers=http_headers(error.kind),
             )
         reply = await answer_pipeline(
-            host, name, method, document.get("key") or [], document.get("value") or [], (), logid
+            host,
+            name,
+            method,
+            document.get("key") or [],
+            document.get("value") or [],
+            (),
+            logid,
+            caller_request_id=caller_id,
         )
-        return JSONResponse(
-            {
-                "err_no": reply.err_no,
-                "err_msg": reply.err_msg,
-                "key": reply.keys,
-                "value": reply.values,
-            }
-        )
+        return Response(_pipeline_json(reply), media_type="application/json")
 
     @router.get("/{name}/{method}")
     async def pipeline_get(name: str, method: str) -> Response:
@@ -259,8 +340,41 @@ def _pipeline_router(host: ModelHost) -> APIRouter:
     return router
 
 
+async def _send_error(
+    send: Callable, status: int, message: str, headers: dict[str, str] | None = None
+) -> None:
+    """Answer an OIP-style ``{"error": message}`` straight on ASGI (for the guards)."""
+    body = json.dumps({"error": message}).encode()
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(ServingError):
+    """Raised from ``receive`` once a body passed the limit; a route that catches it
+    answers 413 too, but BodyLimit has answered already and drops whatever follows."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(
+            "resource_exhausted",
+            f"request body is larger than the server's limit of {max_bytes} bytes "
+            "(server.max_message_bytes)",
+        )
+
+
 class BodyLimit:
-    """Pure ASGI guard: answer 413 before reading more than ``max_bytes`` of a request body."""
+    """Pure ASGI guard: answer 413 before reading more than ``max_bytes`` of a request body.
+
+    A declared Content-Length over the limit is refused before the app runs. A chunked
+    body (no Content-Length) is counted as it arrives: at the chunk that passes the limit
+    the 413 is sent at once, ``receive`` raises :class:`_TooLarge` into the app, and every
+    later message the app (or Starlette's error middleware) sends is dropped, so the client
+    sees exactly one response, the 413.
+    """
 
     def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int) -> None:
         self.app = app
@@ -272,55 +386,86 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, send)
+            await _send_error(send, 413, _TooLarge(self.max_bytes).message)
             return
         seen = 0
+        started = rejected = False
 
         async def limited_receive() -> dict[str, Any]:
-            nonlocal seen
+            nonlocal seen, rejected
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    if not started and not rejected:
+                        rejected = True
+                        await _send_error(send, 413, _TooLarge(self.max_bytes).message)
+                    raise _TooLarge(self.max_bytes)
             return message
 
+        async def guarded_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if rejected:
+                return  # the 413 is the answer
+            started = True
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except _TooLarge:
-            await self._reject(scope, send)
+            if not rejected:  # raised after the app had started its own answer
+                raise
 
-    async def _reject(self, scope: dict[str, Any], send: Callable) -> None:
-        body = json.dumps(
-            {
-                "error": f"request body is larger than the server's limit of {self.max_bytes} bytes "
-                "(server.max_message_bytes)"
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
+
+class ConcurrencyLimit:
+    """Pure ASGI guard: at most ``max_in_flight`` HTTP requests inside the app at once.
+
+    The excess is answered at once with 503, ``Retry-After`` and a message naming
+    ``server.max_concurrent_http``: nothing of it is read or queued, so memory stays
+    bounded under any load. Health and metrics paths (interceptors.asgi.default_skip) are
+    never refused, so probes still see the server while it is busy. One event loop per
+    process, so a plain counter is exact.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], max_in_flight: int) -> None:
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self._message = (
+            f"the server is at its limit of {max_in_flight} concurrent HTTP requests "
+            "(server.max_concurrent_http); retry later"
         )
-        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or default_skip(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            await _send_error(
+                send, http_status("overloaded"), self._message, http_headers("overloaded")
+            )
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
-class _TooLarge(Exception):
-    pass
-
-
-def build_http_app(host: ModelHost, *, extra_routers: list[APIRouter] = ()) -> FastAPI:
+def build_http_app(
+    host: ModelHost,
+    *,
+    extra_routers: list[APIRouter] = (),
+    ready: Callable[[], bool] | None = None,
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
+) -> FastAPI:
     """The FastAPI app; ``extra_routers`` (metrics, usage, tokenize) go before the pipeline's
-    catch-all ``/{name}/{method}`` so it cannot shadow them."""
+    catch-all ``/{name}/{method}`` so it cannot shadow them. ``ready`` answers
+    ``/v2/health/ready`` (default: every model is ready)."""
     app = FastAPI(title=SERVER_NAME, version=SERVER_VERSION, docs_url="/docs", redoc_url=None)
-    app.include_router(_oip_router(host))
-    app.include_router(_tokenize_router(host))
+    app.include_router(_oip_router(host, ready or host.all_ready, max_json_depth))
+    app.include_router(_tokenize_router(host, max_json_depth))
     for router in extra_routers:
         app.include_router(router)
-    app.include_router(_pipeline_router(host))
+    app.include_router(_pipeline_router(host, max_json_depth))
     return app

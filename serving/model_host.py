@@ -6,6 +6,20 @@ and enforces the per-request timeout. Adapters that schedule their own work
 (``uses_infer_async``) get the same pool through ``bind_executor``. Only what
 :class:`models.base.ModelAdapter` declares is called; adapter kinds come from an explicit
 registry, the one place here that names models.
+
+The pool is bounded twice: ``server.inference_threads`` threads, and at most
+``server.max_queued_inferences`` more jobs waiting for one (:class:`BoundedExecutor`). A
+job past that is refused at once with :class:`models.base.Overloaded` (kind ``overloaded``:
+RESOURCE_EXHAUSTED / 503 + Retry-After / err_no 3001), so a burst never queues without
+limit. A job's slot is given back when its job is really over (its thread finished it, or
+it was cancelled before it started), never when a caller stops waiting.
+
+What happens to a timed-out inference: the caller gets DEADLINE_EXCEEDED / 504 after
+``server.request_timeout_s``. A job still waiting in the queue is cancelled and frees its
+slot at once. A job already running cannot be stopped (Paddle offers no way to interrupt
+a predictor): it runs to the end on its thread, its result is discarded, and it keeps its
+slot until then. So hung or slow inferences hold slots visibly, and once all slots are
+held, new calls get ``overloaded`` quickly instead of queueing behind them forever.
 """
 
 from __future__ import annotations
@@ -15,14 +29,15 @@ import concurrent.futures
 import contextvars
 import importlib
 import logging
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from models.base import ModelAdapter, ModelError, TokenCount
+from models.base import ModelAdapter, ModelError, Overloaded, TokenCount
 from serving.codecs import Codec, codec_for_kind
 from serving.errors import ServingError, unknown_model
 
-__all__ = ["ModelHost", "ServedModel"]
+__all__ = ["BoundedExecutor", "ModelHost", "ServedModel"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +55,59 @@ def _adapter_class(kind: str) -> type[ModelAdapter]:
             f"unknown model kind {kind!r}; known kinds: {', '.join(_ADAPTERS)}"
         ) from None
     return getattr(importlib.import_module(module_name), class_name)
+
+
+class BoundedExecutor(concurrent.futures.Executor):
+    """A thread pool of ``threads`` threads that holds at most ``threads + max_queued``
+    jobs (running or waiting); ``submit`` past that raises :class:`Overloaded` at once.
+
+    The slot of a job is released by its future's done callback, which runs when the job
+    really ended: finished on its thread, or cancelled while still queued. Cancelling the
+    asyncio side of ``loop.run_in_executor`` cancels a queued job (slot back at once) but
+    not a running one (slot back when its thread finishes).
+    """
+
+    def __init__(
+        self, threads: int, max_queued: int, thread_name_prefix: str = "inference"
+    ) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix=thread_name_prefix
+        )
+        self.capacity = threads + max_queued
+        self._held = 0
+        self._lock = threading.Lock()  # done callbacks run on pool threads
+        self._message = (
+            f"the server already has {self.capacity} inferences running or queued "
+            f"(server.inference_threads {threads} + server.max_queued_inferences {max_queued}); "
+            "retry later"
+        )
+
+    @property
+    def held(self) -> int:
+        """Jobs running or waiting now."""
+        return self._held
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future:
+        with self._lock:
+            if self._held >= self.capacity:
+                raise Overloaded(self._message)
+            self._held += 1
+        try:
+            future = self._pool.submit(fn, *args, **kwargs)
+        except BaseException:
+            self._release()
+            raise
+        future.add_done_callback(self._release)
+        return future
+
+    def _release(self, _future: object = None) -> None:
+        with self._lock:
+            self._held -= 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
 class ServedModel:
@@ -79,7 +147,12 @@ class ServedModel:
         else:
             loop = asyncio.get_running_loop()
             ctx = contextvars.copy_context()
-            work = loop.run_in_executor(self._executor, ctx.run, self.adapter.infer, list(batch))
+            try:
+                work = loop.run_in_executor(
+                    self._executor, ctx.run, self.adapter.infer, list(batch)
+                )
+            except ModelError as exc:  # Overloaded: every slot is held
+                raise ServingError(exc.kind, str(exc)) from None
         try:
             results = await asyncio.wait_for(work, self._timeout_s)
         except asyncio.TimeoutError:
@@ -114,9 +187,9 @@ class ModelHost:
 
     def __init__(self, models_config: Mapping[str, Any], server_config: Mapping[str, Any]) -> None:
         self._config = dict(models_config or {})
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=int(server_config.get("inference_threads", 8)),
-            thread_name_prefix="inference",
+        self._executor = BoundedExecutor(
+            int(server_config.get("inference_threads", 8)),
+            int(server_config.get("max_queued_inferences", 64)),
         )
         self._timeout_s = float(server_config.get("request_timeout_s", 60))
         self._models: dict[str, ServedModel] = {}

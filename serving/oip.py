@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from interceptors.request_id import checked_protocol_request_id
 from serving.codecs.base import OutputTensor
 from serving.dispatch import run_model
 from serving.errors import ServingError, as_serving_error
@@ -132,6 +133,7 @@ async def infer(
     ``outputs`` names the outputs to send (none: all), each raw or not; ``binary_default``
     is for those that do not say.
     """
+    request_id = checked_protocol_request_id(request_id)
     try:
         served, results = await run_model(
             host, name, lambda codec: codec.from_oip(_decode(inputs)), request_id=request_id

@@ -5,19 +5,23 @@ service name, method names and messages are the ones the real ``tritonclient.grp
 This is the transport only: it reads protobuf messages into the neutral tensors of
 serving/oip.py, frames the translator's answers, and turns a ServingError into a gRPC
 status. Methods beyond the OIP core (repository, shared memory, trace...) answer
-UNIMPLEMENTED.
+UNIMPLEMENTED. Any other exception is answered INTERNAL and logged at ERROR with its
+traceback and the request id (never grpc's bare ``UNKNOWN``). ServerReady is the server's
+readiness (models loaded and the ledger able to accept records), as /v2/health/ready.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from serving import oip
-from serving.errors import ServingError, grpc_code
+from serving.errors import ServingError, as_serving_error, grpc_code, grpc_trailers, log_internal
 from serving.model_host import ModelHost
 from serving.oip_tensors import CONTENTS_FIELD
 
@@ -49,48 +53,75 @@ def _read_inputs(request: service_pb2.ModelInferRequest) -> Iterator[oip.Tensor]
         yield oip.Tensor(tensor.name, tensor.datatype, shape, data=values)
 
 
-class OipGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, host: ModelHost) -> None:
-        self._host = host
+def caller_request_id(context: grpc.aio.ServicerContext) -> str | None:
+    """The x-request-id metadata of a call, for log lines."""
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() == "x-request-id" and isinstance(value, str):
+            return value
+    return None
 
-    async def _fail(self, context: grpc.aio.ServicerContext, error: ServingError) -> None:
-        await context.abort(grpc_code(error.kind), error.message)
+
+Handler = Callable[[Any, Any, Any], Awaitable[Any]]
+
+
+def _answers_errors(method: Handler) -> Handler:
+    """A ServingError becomes its gRPC status; anything else INTERNAL, logged with the
+    traceback and request id. An abort (grpc.aio.AbortError) passes through as it is."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            error = as_serving_error(exc)
+            if error.kind == "internal":
+                log_internal(
+                    exc, caller_request_id(context), surface="grpc", method=method.__name__
+                )
+            await context.abort(grpc_code(error.kind), error.message, grpc_trailers(error.kind))
+
+    return wrapper
+
+
+class OipGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """``ready`` answers ServerReady (default: every model is ready)."""
+
+    def __init__(self, host: ModelHost, ready: Callable[[], bool] | None = None) -> None:
+        self._host = host
+        self._ready = ready or host.all_ready
 
     async def ServerLive(self, request, context):  # noqa: N802 (OIP method names)
         return service_pb2.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):  # noqa: N802
-        return service_pb2.ServerReadyResponse(ready=self._host.all_ready())
+        return service_pb2.ServerReadyResponse(ready=self._ready())
 
+    @_answers_errors
     async def ModelReady(self, request, context):  # noqa: N802
-        try:
-            ready = oip.model_ready(self._host, request.name)
-        except ServingError as exc:
-            await self._fail(context, exc)
+        ready = oip.model_ready(self._host, request.name)
         return service_pb2.ModelReadyResponse(ready=ready["ready"])
 
+    @_answers_errors
     async def ServerMetadata(self, request, context):  # noqa: N802
         return json_format.ParseDict(oip.server_metadata(), service_pb2.ServerMetadataResponse())
 
+    @_answers_errors
     async def ModelMetadata(self, request, context):  # noqa: N802
-        try:
-            meta = oip.model_metadata(self._host, request.name)
-        except ServingError as exc:
-            await self._fail(context, exc)
+        meta = oip.model_metadata(self._host, request.name)
         return json_format.ParseDict(meta, service_pb2.ModelMetadataResponse())
 
+    @_answers_errors
     async def ModelInfer(self, request, context):  # noqa: N802
-        try:
-            result = await oip.infer(
-                self._host,
-                request.model_name,
-                _read_inputs(request),
-                outputs=[oip.RequestedOutput(o.name) for o in request.outputs],
-                binary_default=True,  # gRPC sends every output as raw_output_contents
-                request_id=request.id or None,
-            )
-        except ServingError as exc:
-            await self._fail(context, exc)
+        result = await oip.infer(
+            self._host,
+            request.model_name,
+            _read_inputs(request),
+            outputs=[oip.RequestedOutput(o.name) for o in request.outputs],
+            binary_default=True,  # gRPC sends every output as raw_output_contents
+            request_id=request.id or None,
+        )
         response = service_pb2.ModelInferResponse(
             model_name=result.model_name, model_version=result.model_version, id=request.id
         )

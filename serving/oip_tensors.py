@@ -162,7 +162,7 @@ def from_json_data(name: str, datatype: str, shape: Sequence[int], data: Any) ->
         return bytes_tensor(name, flat, shape)
     try:
         return np.asarray(flat, dtype=DTYPES[datatype]).reshape(tuple(shape))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: 300 as INT8
         raise ServingError(
             "invalid_argument", f"input {name!r}: data is not {datatype}: {exc}"
         ) from exc

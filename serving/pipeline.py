@@ -5,7 +5,13 @@ Serving server accepts an empty name); key/value pairs (or tensors with ``str_da
 ``byte_data``) carry the inputs. Failures are answered the Paddle Serving way, with the
 transport saying OK and ``err_no`` / ``err_msg`` set, so its clients' error checks work
 unchanged. The transports (serving/pipeline_grpc.py, serving/http_app.py) only parse their
-wire form, call :func:`answer_pipeline` and frame the :class:`PipelineReply`.
+wire form, call :func:`answer_pipeline` and frame the :class:`PipelineReply`; each also
+sets ``usage.error_renderer`` to frame :func:`error_reply`, so a call metering refuses
+after it ran (an idempotency conflict) is answered the pipeline way too.
+
+An unknown ``name`` is refused by the model lookup in serving/dispatch.py (err_no 3002,
+no ledger row); a failure before the lookup (bad key/value pairs) is recorded against the
+model only when that model is served.
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ from typing import Any
 
 from models.usage import current_usage
 from serving.dispatch import run_model, tokenize
-from serving.errors import ServingError, as_serving_error, pipeline_err_no, unknown_model
+from serving.errors import ServingError, as_serving_error, log_internal, pipeline_err_no
 from serving.model_host import ModelHost
 
-__all__ = ["PipelineReply", "answer_pipeline"]
+__all__ = ["PipelineReply", "answer_pipeline", "error_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +40,15 @@ class PipelineReply:
     values: list[str] = dataclasses.field(default_factory=list)
 
 
+def error_reply(kind: str, message: str) -> PipelineReply:
+    """The reply for a failure of ``kind`` (serving/errors.py): err_no set, no fields."""
+    return PipelineReply(pipeline_err_no(kind), message)
+
+
 def _fields(keys: Sequence[Any], values: Sequence[Any], tensors: Sequence[Any]) -> dict[str, str]:
     """Pair keys with values (and tensors by name); raises ServingError on a mismatch."""
+    if not all(isinstance(v, Sequence) and not isinstance(v, str | bytes) for v in (keys, values)):
+        raise ServingError("invalid_argument", "'key' and 'value' must be lists of strings")
     if len(keys) != len(values):
         raise ServingError(
             "invalid_argument", f"{len(keys)} keys but {len(values)} values; send one value per key"
@@ -57,20 +70,19 @@ def _fields(keys: Sequence[Any], values: Sequence[Any], tensors: Sequence[Any]) 
 
 def _failure(error: ServingError, model: str | None) -> PipelineReply:
     """The err_no reply for ``error``, marking the metered call failed (transport says OK)
-    and recording it against ``model`` so the failed call is in the ledger, unbilled."""
-    err_no = pipeline_err_no(error.kind)
+    and recording it against ``model`` (a served model or None) so the failed call is in
+    the ledger, unbilled."""
+    reply = error_reply(error.kind, error.message)
     if (usage := current_usage()) is not None:
-        usage.app_status = f"err_no={err_no}"
+        usage.app_status = f"err_no={reply.err_no}"
         if usage.model is None and model:
             usage.model = model
-    return PipelineReply(err_no, error.message)
+    return reply
 
 
 async def _serve(
-    host: ModelHost, name: str, model_name: str, method: str, fields: Mapping[str, str], logid: int
+    host: ModelHost, model_name: str, method: str, fields: Mapping[str, str], logid: int
 ) -> PipelineReply:
-    if name and name not in host.names():
-        raise unknown_model(name, host.names())
     if method == "tokenize":
         counted = await tokenize(host, model_name, fields.get("text"), fields.get("text_pair"))
         keys = ["input_ids", "token_type_ids", "count", "truncated"]
@@ -93,18 +105,21 @@ async def answer_pipeline(
     values: Sequence[Any],
     tensors: Sequence[Any] = (),
     logid: int = 0,
+    *,
+    caller_request_id: str | None = None,
 ) -> PipelineReply:
     """Answer one pipeline request; never raises for a bad request, it answers err_no instead.
 
     ``tensors`` are pipeline Tensor messages (``name``, ``str_data``, ``byte_data``).
     ``method`` ``tokenize`` counts tokens without inference (ERNIE models); any other method
-    segment runs the model, as Paddle Serving's gateway accepts any."""
+    segment runs the model, as Paddle Serving's gateway accepts any. ``caller_request_id``
+    (the x-request-id header) goes into the log line of an internal error."""
     model_name = name or host.default_name() or ""
     try:
         fields = _fields(keys, values, tensors)
-        return await _serve(host, name, model_name, method, fields, logid)
+        return await _serve(host, model_name, method, fields, logid)
     except Exception as exc:
         error = as_serving_error(exc)
         if error.kind == "internal":
-            log.exception("pipeline request failed", extra={"model": model_name})
-        return _failure(error, model_name)
+            log_internal(exc, caller_request_id, surface="pipeline", model=model_name)
+        return _failure(error, model_name if model_name in host.names() else None)

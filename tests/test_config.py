@@ -16,6 +16,7 @@ from exporters.ledger.jsonl import JsonlLedger
 from exporters.ledger.postgres import PostgresLedger
 from exporters.ledger.sqlite import SqliteLedger
 from exporters.otel import _FILE_KEYS, TelemetryConfig
+from serving.app import PaddleMeterServer
 from serving.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
@@ -30,6 +31,7 @@ LEDGER_SETTINGS = {
     "retry_interval_s": 0.25,
     "busy_timeout_ms": 1234,
     "synchronous": "EXTRA",
+    "max_pending": 321,
 }
 
 
@@ -117,6 +119,7 @@ def test_ledger_settings_are_accepted_and_reach_the_writer(tmp_path: Path) -> No
         assert ledger._writer._max_batch == 17
         assert ledger._writer._retry_interval_s == 0.25
         assert ledger._writer._spool.directory == str(spool)
+        assert ledger._writer._max_pending == 321
     finally:
         metering.shutdown()
 
@@ -153,4 +156,80 @@ def test_a_setting_the_ledger_kind_does_not_take_fails_at_start(tmp_path: Path) 
 )
 def test_unknown_key_is_rejected(tmp_path: Path, settings: dict, where: str) -> None:
     with pytest.raises(ConfigError, match=rf"unknown setting '{re.escape(where)}'"):
+        load_config(_user_file(tmp_path, settings))
+
+
+LIMITS = {
+    "max_concurrent_rpcs": 7,
+    "max_concurrent_http": 9,
+    "max_queued_inferences": 5,
+    "max_json_depth": 11,
+    "inference_threads": 3,
+}
+
+
+def test_limit_settings_have_their_defaults_and_reach_the_server(tmp_path: Path) -> None:
+    defaults = load_config()
+    assert {k: defaults["server"][k] for k in LIMITS} == {
+        "max_concurrent_rpcs": 128,
+        "max_concurrent_http": 128,
+        "max_queued_inferences": 64,
+        "max_json_depth": 64,
+        "inference_threads": 8,
+    }
+    assert defaults["metering"]["max_replays"] == 10
+    config = load_config(
+        _user_file(
+            tmp_path,
+            {
+                "server": {**LIMITS, "data_dir": str(tmp_path / "data")},
+                "metering": {"max_replays": 3},
+                "telemetry": {"prometheus": False},
+            },
+        )
+    )
+    server = PaddleMeterServer(config)
+    try:
+        # Where each limit is enforced (private: no public view of them).
+        assert (server._max_rpcs, server._max_http, server._max_json_depth) == (7, 9, 11)
+        assert server.models._executor.capacity == 3 + 5
+    finally:
+        server.models.close()
+    metering = build_metering(config, tmp_path / "data")
+    try:
+        assert metering.core.max_replays == 3
+    finally:
+        metering.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"server": {"max_concurrent_rpcs": 0}},
+            "server.max_concurrent_rpcs: expected an integer >= 1, got 0",
+        ),
+        (
+            {"server": {"max_concurrent_http": "many"}},
+            "server.max_concurrent_http: expected an integer >= 1, got 'many'",
+        ),
+        (
+            {"server": {"max_queued_inferences": -1}},
+            "server.max_queued_inferences: expected an integer >= 0, got -1",
+        ),
+        (
+            {"server": {"max_json_depth": True}},
+            "server.max_json_depth: expected an integer >= 1, got True",
+        ),
+        (
+            {"metering": {"max_replays": 1.5}},
+            "metering.max_replays: expected an integer >= 0, got 1.5",
+        ),
+        ({"ledger": {"max_pending": 0}}, "ledger.max_pending: expected an integer >= 1, got 0"),
+    ],
+)
+def test_limit_settings_must_be_integers_in_range(
+    tmp_path: Path, settings: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         load_config(_user_file(tmp_path, settings))

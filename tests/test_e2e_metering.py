@@ -253,12 +253,31 @@ def test_retried_request_id_is_served_each_time_but_billed_once(stack):
     server, _, _, url = stack
     request_id = f"retry-{uuid.uuid4().hex[:8]}"
     body = {"key": ["image"], "value": [base64.b64encode(CORPUS["cjk_invoice"].data).decode()]}
+    told = []
     for _ in range(3):
         reply = httpx.post(
             f"{server.http_url}/ocr/prediction", json=body, headers={"x-request-id": request_id}
         )
         assert reply.status_code == 200 and reply.json()["err_no"] == 0
-    assert len(_ledger_rows(url, "WHERE request_id = ?", (request_id,))) == 1
+        told.append((reply.headers.get("x-usage-replay"), reply.headers["x-usage-output-tokens"]))
+    (row,) = _ledger_rows(url, "WHERE request_id = ?", (request_id,))
+    # The retries are replays: marked, and told the billed record's counts.
+    assert told == [(None, str(row["output_tokens"]))] + [("true", str(row["output_tokens"]))] * 2
+
+
+def test_ledger_health_is_on_metrics(stack):
+    server, *_ = stack
+    _call_pipeline_http(server, CORPUS["cjk_invoice"].data, {})  # at least one commit
+    scrape = httpx.get(f"{server.http_url}/metrics").text
+    values = {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in scrape.splitlines()
+        if line.startswith("paddle_meter_ledger_")
+    }
+    assert values["paddle_meter_ledger_spool_pending"] == 0
+    assert values["paddle_meter_ledger_write_failures_total"] == 0
+    assert values["paddle_meter_ledger_commit_duration_seconds_count"] >= 1
+    assert values["paddle_meter_ledger_commit_duration_seconds_sum"] > 0
 
 
 def test_concurrent_requests_give_exact_records_and_metric_sums(stack):

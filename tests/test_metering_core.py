@@ -1,13 +1,17 @@
 """Metering core and telemetry setup: config parsing, records, policies, Prometheus output.
 
 Also holds the helpers the transport tests import (``InMemoryUsageSink``,
-``make_telemetry``): a real SDK with in-memory exporter/reader, never global providers.
+``IdempotentUsageSink``, ``make_telemetry``): a real SDK with in-memory exporter/reader,
+never global providers. The sinks are test doubles of a ledger (not durable); the real
+ledgers' own idempotency is tested in tests/test_ledger_*.py and end to end in
+tests/test_idempotency.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -16,11 +20,21 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from exporters import semconv as sc
-from exporters.ledger.base import LedgerWriteError, UsageSink, WriteOutcome
+from exporters.ledger.base import (
+    BilledRecord,
+    LedgerHealth,
+    LedgerWriteError,
+    ReportsHealth,
+    UsageSink,
+    WriteOutcome,
+)
 from exporters.otel import Telemetry, TelemetryConfig, setup_telemetry
 from exporters.usage_record import UsageRecord
+from interceptors import LEDGER_FAILURE_MESSAGE, START_FAILURE_MESSAGE
+from interceptors.billing_policy import LEDGER_CANNOT_ACCEPT_MESSAGE
 from interceptors.core import MeteringCore, default_tenant_resolver
 from models.usage import current_usage, report_usage, stage
+from serving.errors import ServingError
 
 
 class InMemoryUsageSink:
@@ -48,6 +62,52 @@ class InMemoryUsageSink:
 
     def shutdown(self) -> None:
         pass
+
+
+class IdempotentUsageSink(InMemoryUsageSink):
+    """Test double of a ledger with the contract's idempotency (exporters/ledger/base.py):
+    one ok record per (tenant, request_id); a not-inserted ok record gets ``existing`` (the
+    billed figures) and, with the same content_sha256, ``replays`` counted up. Also a
+    ReportsHealth (``accepting``, ``health``) with a commit listener, like the SQL writers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.billed: dict[tuple[str, str], UsageRecord] = {}
+        self.replays: dict[tuple[str, str], int] = {}
+        self.accepting = True
+        self.spool_pending = 0
+        self.write_failures = 0
+        self.listeners: list[Callable[[float, int], None]] = []
+
+    async def submit(self, record: UsageRecord) -> WriteOutcome:
+        key = (record.tenant, record.request_id)
+        first = self.billed.get(key) if record.status == "ok" else None
+        if first is None:
+            if record.status == "ok":
+                self.billed[key] = record
+            self.records.append(record)
+            for listener in self.listeners:
+                listener(0.002, 1)
+            return WriteOutcome(True)
+        existing = BilledRecord(first.content_sha256, first.input_tokens, first.output_tokens,
+                                first.billable_tokens, first.price_id, first.cost)
+        if first.content_sha256 != record.content_sha256:
+            return WriteOutcome(False, existing=existing)
+        self.replays[key] = self.replays.get(key, 0) + 1
+        return WriteOutcome(False, existing=existing, replays=self.replays[key])
+
+    def health(self) -> LedgerHealth:
+        return LedgerHealth(
+            healthy=self.accepting, database_ok=self.accepting, spool_ok=False,
+            spool_pending=self.spool_pending, write_failures=self.write_failures, db_errors=0,
+            quarantined=0, torn_lines=0, last_commit_latency_s=None, spool_dir=None)
+
+    def can_accept(self) -> bool:
+        return self.accepting
+
+    def add_commit_listener(self, listener: Callable[[float, int], None]) -> None:
+        self.listeners.append(listener)
 
 
 class TestPriceBook:
@@ -100,6 +160,9 @@ def telemetry():
 
 def test_in_memory_sink_is_a_usage_sink() -> None:
     assert isinstance(InMemoryUsageSink(), UsageSink)
+    assert not isinstance(InMemoryUsageSink(), ReportsHealth)
+    assert isinstance(IdempotentUsageSink(), UsageSink)
+    assert isinstance(IdempotentUsageSink(), ReportsHealth)
 
 
 def test_config_env_wins_and_endpoint_turns_otlp_on() -> None:
@@ -150,7 +213,217 @@ def test_resource_and_shutdown_idempotent(telemetry) -> None:
 def test_tenant_resolver() -> None:
     assert default_tenant_resolver({}) == "default"
     assert default_tenant_resolver({"x-tenant": "acme"}) == "acme"
-    assert default_tenant_resolver({"x-tenant": "bad tenant\n"}) == "default"
+    assert default_tenant_resolver({"x-tenant": " acme.eu "}) == "acme.eu"
+    for bad in ("bad tenant", "ac\nme", "", "  ", "t" * 65, "a/b"):
+        with pytest.raises(ServingError) as refused:
+            default_tenant_resolver({"x-tenant": bad})
+        assert refused.value.kind == "invalid_argument"
+        assert "x-tenant must be" in refused.value.message
+
+
+def _start(core: MeteringCore, carrier: dict, operation: str | None = None):
+    return core.start_call(protocol="grpc", endpoint="/t.S/M", span_name="t.S/M",
+                           carrier=carrier, attributes={}, operation=operation)
+
+
+@pytest.mark.parametrize("bad_id", ["has space", "trailing-newline\n", "", "x" * 129,
+                                    "semi;colon", "caf\u00e9"])
+async def test_malformed_request_id_is_refused_not_replaced(telemetry, bad_id) -> None:
+    tel, spans, _ = telemetry
+    core = MeteringCore(tel, ledger=InMemoryUsageSink())
+    try:
+        with pytest.raises(ServingError) as refused:
+            _start(core, {"x-request-id": bad_id})
+        assert refused.value.kind == "invalid_argument"
+        assert "x-request-id must be 1 to 128 characters" in refused.value.message
+        assert bad_id not in refused.value.message or not bad_id  # never echoed
+        assert spans.get_finished_spans() == ()
+        ok = _start(core, {"x-request-id": "A-z.0_9:" + "x" * 120})  # 128 characters
+        assert ok.request_id == "A-z.0_9:" + "x" * 120
+        await ok.finish(ok=True, status="OK")
+    finally:
+        core.close()
+
+
+async def test_oversized_or_malformed_trace_headers_start_a_new_trace(telemetry) -> None:
+    tel, spans, _ = telemetry
+    core = MeteringCore(tel)
+    good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    try:
+        for carrier in (
+            {"traceparent": good},
+            {"traceparent": good + "-" + "a" * 520},  # too long: ignored, even if parseable
+            {"traceparent": "00-zz-yy-01"},
+            {"traceparent": good, "baggage": "k=" + "v" * 600},
+        ):
+            await _start(core, carrier).finish(ok=True, status="OK")
+        first, long_tp, bad_tp, long_baggage = spans.get_finished_spans()
+        assert format(first.context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+        assert long_tp.parent is None and bad_tp.parent is None
+        assert long_tp.context.trace_id != first.context.trace_id
+        assert long_baggage.parent.span_id == 0xB7AD6B7169203331  # only the baggage dropped
+    finally:
+        core.close()
+
+
+async def test_ledger_that_cannot_accept_refuses_model_calls_at_start(telemetry) -> None:
+    tel, spans, _ = telemetry
+    sink = IdempotentUsageSink()
+    core = MeteringCore(tel, ledger=sink)
+    try:
+        sink.accepting = False
+        with pytest.raises(ServingError) as refused:
+            _start(core, {})
+        assert (refused.value.kind, refused.value.message) == (
+            "unavailable", LEDGER_CANNOT_ACCEPT_MESSAGE)
+        health = _start(core, {}, operation="health")  # never billed: still answered
+        assert await health.finish(ok=True, status="OK") is None
+        sink.accepting = True
+        await _model_call(core, {}, "abc")
+        assert len(sink.records) == 1 and len(spans.get_finished_spans()) == 3
+    finally:
+        core.close()
+
+
+async def test_start_refusal_fails_closed_and_logs_no_header_values(telemetry, caplog) -> None:
+    tel, _, reader = telemetry
+    secret = "tenant-secret-value"
+
+    def broken_resolver(carrier):
+        raise RuntimeError(f"auth backend down for {carrier['x-tenant']}")
+
+    core = MeteringCore(tel, tenant_resolver=broken_resolver)
+    try:
+        with pytest.raises(RuntimeError) as raised:
+            _start(core, {"x-tenant": secret})
+        with caplog.at_level(logging.ERROR, logger="interceptors.core"):
+            refusal = core.start_refusal(raised.value)
+        assert (refusal.kind, refusal.message) == ("unavailable", START_FAILURE_MESSAGE)
+        (entry,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert "broken_resolver" in entry.stack and "RuntimeError" in entry.getMessage()
+        assert secret not in entry.getMessage() + entry.stack and not entry.exc_info
+        assert metric_sum(reader, sc.METRIC_METER_ERRORS, where="start") == 1
+        own = ServingError("invalid_argument", "x")
+        assert core.start_refusal(own) is own  # a refusal is answered as it is
+    finally:
+        core.close()
+
+
+async def _payload_call(core: MeteringCore, carrier: dict, sha: str, tokens: int,
+                        protocol: str = "grpc"):
+    """A successful model call with payload hash ``sha`` reporting ``tokens`` output tokens;
+    returns (call, record or None, refusal or None)."""
+    call = core.start_call(protocol=protocol, endpoint="/t", span_name="t", carrier=carrier,
+                           attributes={})
+    with call.activate():
+        usage = current_usage()
+        usage.model, usage.operation, usage.content_sha256 = "ocr", "ocr", sha
+        usage.add(input_tokens=1, output_tokens=tokens)
+    try:
+        return call, await call.finish(ok=True, status="OK" if protocol == "grpc" else "200"), None
+    except ServingError as refusal:
+        return call, None, refusal
+
+
+async def test_replays_report_the_original_usage_and_count_once(telemetry) -> None:
+    tel, spans, reader = telemetry
+    sink = IdempotentUsageSink()
+    core = MeteringCore(tel, ledger=sink, pricebook=TestPriceBook(), max_replays=2)
+    carrier = {"x-request-id": "same-1", "x-tenant": "acme"}
+    try:
+        first, record, _ = await _payload_call(core, carrier, "aa" * 32, 5)
+        assert record is not None and record.billable_tokens == 6
+        assert sc.HEADER_USAGE_REPLAY not in dict(first.response_metadata())
+        # The retry's model happens to count differently: the caller is told what was billed.
+        again, record, refusal = await _payload_call(core, carrier, "aa" * 32, 9)
+        assert record is None and refusal is None and again.ok
+        assert again.replay is not None and again.replay.billable_tokens == 6
+        assert dict(again.response_metadata()) == {
+            "x-request-id": "same-1", "x-usage-input-tokens": "1",
+            "x-usage-output-tokens": "5", "x-usage-replay": "true"}
+        span = spans.get_finished_spans()[-1]
+        assert span.attributes[sc.PADDLE_METER_USAGE_REPLAY] is True
+        assert span.attributes[sc.PADDLE_METER_BILLABLE_TOKENS] == 6
+        assert span.attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS] == 5
+        assert span.attributes[sc.PADDLE_METER_COST] == "0.006000"
+        assert sc.PADDLE_METER_USAGE_REPLAY not in spans.get_finished_spans()[0].attributes
+        # Same id, other payload: refused, named; nothing written, nothing counted.
+        _, record, refusal = await _payload_call(core, carrier, "bb" * 32, 5)
+        assert record is None and refusal.kind == "already_exists"
+        assert refusal.message == (
+            "x-request-id 'same-1' was already used by tenant 'acme' for a different payload;"
+            " send a new x-request-id")
+        # Another tenant may use the same id: its own key, billed.
+        _, record, _ = await _payload_call(core, {**carrier, "x-tenant": "other"}, "bb" * 32, 2)
+        assert record is not None and record.tenant == "other"
+        # Replay 2 is allowed (max_replays=2), replay 3 is refused.
+        _, _, refusal = await _payload_call(core, carrier, "aa" * 32, 5)
+        assert refusal is None
+        late, _, refusal = await _payload_call(core, carrier, "aa" * 32, 5)
+        assert refusal.kind == "already_exists" and "already replayed 2 times" in refusal.message
+        assert "metering.max_replays" in refusal.message
+        assert dict(late.response_metadata())["x-usage-output-tokens"] == "0"
+        assert spans.get_finished_spans()[-1].status.status_code == StatusCode.ERROR
+        # Telemetry agrees with the ledger: tokens of the two billed records only.
+        assert [r.tenant for r in sink.records] == ["acme", "other"]
+        billed = sum(r.billable_tokens for r in sink.records)
+        assert metric_sum(reader, sc.METRIC_TOKENS) == billed == 6 + 3
+        assert metric_sum(reader, sc.METRIC_REQUESTS, status="ok") == 4
+        assert metric_sum(reader, sc.METRIC_REQUESTS, status="ALREADY_EXISTS") == 2
+    finally:
+        core.close()
+
+
+async def test_http_refusal_status_is_409(telemetry) -> None:
+    tel, spans, reader = telemetry
+    core = MeteringCore(tel, ledger=IdempotentUsageSink())
+    try:
+        await _payload_call(core, {"x-request-id": "h-1"}, "aa" * 32, 1, protocol="http")
+        _, _, refusal = await _payload_call(core, {"x-request-id": "h-1"}, "cc" * 32, 1,
+                                            protocol="http")
+        assert refusal.kind == "already_exists"
+        span = spans.get_finished_spans()[-1]
+        assert span.attributes[sc.HTTP_RESPONSE_STATUS_CODE] == 409
+        assert metric_sum(reader, sc.METRIC_REQUESTS, status="409") == 1
+    finally:
+        core.close()
+
+
+def test_max_replays_option() -> None:
+    tel, _, _ = make_telemetry()
+    try:
+        assert MeteringCore.from_config({}, tel).max_replays == 10
+        assert MeteringCore.from_config({"max_replays": 0}, tel).max_replays == 0
+        for bad in (-1, "3", True, 2.5):
+            with pytest.raises(ValueError, match="max_replays must be an integer"):
+                MeteringCore.from_config({"max_replays": bad}, tel)
+    finally:
+        tel.shutdown()
+
+
+async def test_ledger_health_metrics(telemetry) -> None:
+    tel, _, reader = telemetry
+    sink = IdempotentUsageSink()
+    core = MeteringCore(tel, ledger=sink)
+    try:
+        sink.spool_pending, sink.write_failures = 7, 3
+        await _model_call(core, {}, "abc")
+        await _model_call(core, {}, "abcd")
+        assert metric_sum(reader, sc.METRIC_LEDGER_SPOOL_PENDING) == 7
+        assert metric_sum(reader, sc.METRIC_LEDGER_WRITE_FAILURES) == 3
+        (commits,) = metric_points(reader, sc.METRIC_LEDGER_COMMIT_DURATION)
+        assert commits.count == 2 and commits.sum == pytest.approx(0.004)
+        assert tuple(commits.explicit_bounds) == sc.LEDGER_COMMIT_BUCKETS
+        body = tel.render_metrics()[0].decode()
+        values = {line.split("{")[0]: line.rsplit(" ", 1)[1] for line in body.splitlines()
+                  if line.startswith("paddle_meter_ledger_")}
+        assert values["paddle_meter_ledger_spool_pending"] == "7.0"
+        assert values["paddle_meter_ledger_write_failures_total"] == "3.0"
+        assert values["paddle_meter_ledger_commit_duration_seconds_count"] == "2.0"
+    finally:
+        core.close()
+    sink.listeners[0](1.0, 1)  # after close: no longer recorded
+    assert metric_points(reader, sc.METRIC_LEDGER_SPOOL_PENDING) == []
 
 
 async def _model_call(core: MeteringCore, carrier: dict, text: str, *, fail: bool = False):
@@ -230,8 +503,11 @@ async def test_ledger_failure_raises(telemetry) -> None:
     tel, spans, reader = telemetry
     core = MeteringCore(tel, ledger=InMemoryUsageSink(fail=True))
     try:
-        with pytest.raises(LedgerWriteError):
+        with pytest.raises(ServingError) as refused:
             await _model_call(core, {}, "abc")
+        assert (refused.value.kind, refused.value.message) == ("unavailable",
+                                                               LEDGER_FAILURE_MESSAGE)
+        assert isinstance(refused.value.__cause__, LedgerWriteError)
         span = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER][0]
         assert span.status.status_code == StatusCode.ERROR
         assert span.attributes[sc.PADDLE_METER_BILLABLE_TOKENS] == 0

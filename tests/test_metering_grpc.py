@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import logging
 import socket
 import sqlite3
 
@@ -21,19 +23,44 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, StatusCode, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from test_metering_core import InMemoryUsageSink, make_telemetry, metric_points, metric_sum
+from test_metering_core import (
+    IdempotentUsageSink,
+    InMemoryUsageSink,
+    make_telemetry,
+    metric_points,
+    metric_sum,
+)
+from tritonclient.grpc import service_pb2 as oip_pb
 
 from exporters import semconv as sc
 from exporters.otel import TelemetryConfig, setup_telemetry
-from interceptors import LEDGER_FAILURE_MESSAGE, MeteringCore, MeteringServerInterceptor
+from interceptors import (
+    LEDGER_FAILURE_MESSAGE,
+    START_FAILURE_MESSAGE,
+    MeteringCore,
+    MeteringServerInterceptor,
+)
+from interceptors.billing_policy import LEDGER_CANNOT_ACCEPT_MESSAGE
 from models.usage import current_usage, report_usage, stage
+
+# Every request the test service's handler saw (to prove a refused call never ran it).
+HANDLED: list[str] = []
+
+
+def _render_in_body(kind: str, message: str) -> StringValue:
+    """A frontend's error_renderer, as the pipeline answers errors in its body."""
+    return StringValue(value=f"refused {kind}: {message}")
 
 
 async def _recognize(request: StringValue, context: grpc.aio.ServicerContext) -> StringValue:
+    HANDLED.append(request.value)
     usage = current_usage()
+    text = request.value
     if usage is not None:  # None when metering is off: frontends must allow for it
         usage.model, usage.operation, usage.model_version = "ocr", "ocr", "1"
-    text = request.value
+        usage.content_sha256 = hashlib.sha256(text.removeprefix("pipe:").encode()).hexdigest()
+        if text.startswith("pipe:"):
+            usage.error_renderer = _render_in_body
     if text == "abort":
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no image")
     if text == "crash":
@@ -68,9 +95,27 @@ def _handler() -> grpc.GenericRpcHandler:
     )
 
 
+async def _server_live(request: oip_pb.ServerLiveRequest, context) -> oip_pb.ServerLiveResponse:
+    return oip_pb.ServerLiveResponse(live=True)
+
+
+def _oip_handler() -> grpc.GenericRpcHandler:
+    """OIP's ServerLive, as serving/oip_grpc.py answers it."""
+    return grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService",
+        {
+            "ServerLive": grpc.unary_unary_rpc_method_handler(
+                _server_live,
+                request_deserializer=oip_pb.ServerLiveRequest.FromString,
+                response_serializer=oip_pb.ServerLiveResponse.SerializeToString,
+            )
+        },
+    )
+
+
 async def _serve(core: MeteringCore) -> tuple[grpc.aio.Server, str]:
     server = grpc.aio.server(interceptors=[MeteringServerInterceptor(core)])
-    server.add_generic_rpc_handlers((_handler(),))
+    server.add_generic_rpc_handlers((_handler(), _oip_handler()))
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     reflection.enable_server_reflection(("test.Ocr", reflection.SERVICE_NAME), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -191,7 +236,8 @@ async def test_ledger_failure_fails_the_call() -> None:
         _, call = await env.call("hello", (("x-request-id", "again-1"),))
         assert await call.code() == grpc.StatusCode.UNAVAILABLE
         assert await call.details() == LEDGER_FAILURE_MESSAGE
-        assert dict(await call.trailing_metadata())["x-request-id"] == "again-1"
+        trailers = dict(await call.trailing_metadata())
+        assert trailers["x-request-id"] == "again-1" and trailers["retry-after"] == "1"
         (server,) = env.server_spans()
         assert server.attributes[sc.RPC_GRPC_STATUS_CODE] == 14
 
@@ -260,15 +306,86 @@ async def test_client_cancel_is_recorded_as_cancelled() -> None:
         assert (record.status, record.billable_tokens) == ("CANCELLED", 0)
 
 
-async def test_metering_failure_never_fails_the_request() -> None:
+async def test_metering_that_cannot_start_serves_nothing(caplog) -> None:
     def broken_resolver(carrier):
         raise RuntimeError("auth backend down")
 
     async with Env(tenant_resolver=broken_resolver) as env:
-        _, call = await env.call("hello")
-        assert (await call).value == "HELLO"
+        HANDLED.clear()
+        with caplog.at_level(logging.ERROR, logger="interceptors.core"):
+            _, call = await env.call("hello", (("x-request-id", "start-1"),))
+        assert await call.code() == grpc.StatusCode.UNAVAILABLE
+        assert await call.details() == START_FAILURE_MESSAGE
+        assert dict(await call.trailing_metadata())["retry-after"] == "1"
+        assert HANDLED == []  # the handler never ran: nothing was served
         assert env.sink.records == [] and env.server_spans() == []
         assert metric_sum(env.reader, sc.METRIC_METER_ERRORS, where="start") == 1
+        assert any("broken_resolver" in getattr(r, "stack", "") for r in caplog.records)
+
+
+@pytest.mark.parametrize(("metadata", "needle"), [
+    ((("x-request-id", "bad id"),), "x-request-id must be"),
+    ((("x-request-id", "x" * 129),), "x-request-id must be"),
+    ((("x-tenant", "no/slashes"),), "x-tenant must be"),
+])
+async def test_malformed_id_or_tenant_is_refused_before_the_handler(metadata, needle) -> None:
+    async with Env() as env:
+        HANDLED.clear()
+        _, call = await env.call("hello", metadata)
+        assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = await call.details()
+        assert needle in details and metadata[0][1] not in details
+        assert HANDLED == [] and env.sink.records == []
+
+
+async def test_ledger_that_cannot_accept_refuses_before_the_handler() -> None:
+    sink = IdempotentUsageSink()
+    async with Env(ledger=sink) as env:
+        sink.accepting = False
+        HANDLED.clear()
+        _, call = await env.call("hello")
+        assert await call.code() == grpc.StatusCode.UNAVAILABLE
+        assert await call.details() == LEDGER_CANNOT_ACCEPT_MESSAGE
+        assert HANDLED == []
+        reply = await health_pb2_grpc.HealthStub(env.channel).Check(
+            health_pb2.HealthCheckRequest())  # never billed: still answered
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        live = env.channel.unary_unary(
+            "/inference.GRPCInferenceService/ServerLive",
+            request_serializer=oip_pb.ServerLiveRequest.SerializeToString,
+            response_deserializer=oip_pb.ServerLiveResponse.FromString)
+        assert (await live(oip_pb.ServerLiveRequest())).live
+        assert env.server_spans()[-1].attributes[sc.GEN_AI_OPERATION_NAME] == "health"
+
+
+async def test_replay_conflict_and_renderer_over_grpc() -> None:
+    sink = IdempotentUsageSink()
+    async with Env(ledger=sink) as env:
+        ids = (("x-request-id", "grpc-same"), ("x-tenant", "acme"))
+        _, first = await env.call("hello", ids)
+        assert (await first).value == "HELLO"
+        assert "x-usage-replay" not in dict(await first.trailing_metadata())
+        _, again = await env.call("hello", ids)
+        assert (await again).value == "HELLO"  # served again: a retry gets its answer
+        trailers = dict(await again.trailing_metadata())
+        assert trailers["x-usage-replay"] == "true" and trailers["x-usage-output-tokens"] == "5"
+        assert env.server_spans()[-1].attributes[sc.PADDLE_METER_USAGE_REPLAY] is True
+
+        _, other = await env.call("other payload", ids)
+        assert await other.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert await other.details() == (
+            "x-request-id 'grpc-same' was already used by tenant 'acme' for a different"
+            " payload; send a new x-request-id")
+        assert dict(await other.trailing_metadata())["x-usage-output-tokens"] == "0"
+
+        # A frontend that answers errors in its body: OK, its message, no model result.
+        _, piped = await env.call("pipe:other payload", ids)
+        assert await piped.code() == grpc.StatusCode.OK
+        answer = (await piped).value
+        assert answer.startswith("refused already_exists: x-request-id 'grpc-same'")
+        assert "OTHER PAYLOAD" not in answer
+        assert len(sink.records) == 1
+        assert metric_sum(env.reader, sc.METRIC_TOKENS) == 5  # the ledger's sum
 
 
 async def test_real_sqlite_ledger_one_row_per_request_id(tmp_path) -> None:
@@ -277,9 +394,12 @@ async def test_real_sqlite_ledger_one_row_per_request_id(tmp_path) -> None:
     ledger = open_ledger(str(tmp_path / "ledger.sqlite3"))
     try:
         async with Env(ledger=ledger) as env:
+            replayed = []
             for rid in ("a-1", "a-1", "b-2"):  # a client retry reuses its request id
                 _, call = await env.call("hello", (("x-request-id", rid),))
                 assert await call.code() == grpc.StatusCode.OK
+                replayed.append(dict(await call.trailing_metadata()).get("x-usage-replay"))
+            assert replayed == [None, "true", None]
     finally:
         ledger.shutdown()
     with sqlite3.connect(tmp_path / "ledger.sqlite3") as db:

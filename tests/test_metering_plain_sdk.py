@@ -20,7 +20,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from test_metering_core import InMemoryUsageSink, TestPriceBook
+from test_metering_core import IdempotentUsageSink, TestPriceBook
 
 from exporters import semconv as sc
 from exporters.otel import Telemetry, TelemetryConfig, setup_telemetry
@@ -59,6 +59,10 @@ CORE_CHECKS = [
     core_tests.test_frontend_request_id_and_app_status,
     core_tests.test_ledger_failure_raises,
     core_tests.test_prometheus_series_once_after_flushes,
+    core_tests.test_replays_report_the_original_usage_and_count_once,
+    core_tests.test_http_refusal_status_is_409,
+    core_tests.test_ledger_that_cannot_accept_refuses_model_calls_at_start,
+    core_tests.test_ledger_health_metrics,
 ]
 
 
@@ -89,12 +93,14 @@ def test_switch_picks_the_instruments(telemetry) -> None:
 
 
 async def _workload(core: MeteringCore) -> None:
-    """Model calls over both transports, a failure, an app error, a health call."""
+    """Model calls over both transports, a failure, an app error, a replay, a health call."""
     calls = [
         ("grpc", {"x-tenant": "a"}, "hello", True, None),
         ("grpc", {"x-tenant": "b"}, "abc", False, None),
         ("http", {"x-tenant": "a"}, "text", True, None),
         ("http", {"x-tenant": "c"}, "xy", True, "err_no=5000"),
+        ("http", {"x-tenant": "c", "x-request-id": "twice"}, "xyz", True, None),
+        ("http", {"x-tenant": "c", "x-request-id": "twice"}, "xyz", True, None),  # a replay
     ]
     for protocol, carrier, text, ok, app_status in calls:
         attrs = (
@@ -165,12 +171,14 @@ async def test_both_paths_export_the_same_metrics() -> None:
     exported = {}
     for mode, fast_path in MODES.items():
         tel, _, reader = _telemetry(fast_path)
-        core = MeteringCore(tel, ledger=InMemoryUsageSink(), pricebook=TestPriceBook())
+        core = MeteringCore(tel, ledger=IdempotentUsageSink(), pricebook=TestPriceBook())
         try:
             await _workload(core)
             exported[mode] = _metrics(reader)
-            # billed tokens of the two successful calls, (1 + 5) and (1 + 4)
-            assert core_tests.metric_sum(reader, sc.METRIC_TOKENS) == 11
+            # billed tokens of the three billed calls, (1 + 5), (1 + 4) and (1 + 3): the
+            # replay adds nothing
+            assert core_tests.metric_sum(reader, sc.METRIC_TOKENS) == 15
+            assert core_tests.metric_sum(reader, sc.METRIC_REQUESTS) == 7
         finally:
             core.close()
             tel.shutdown()
@@ -183,14 +191,14 @@ async def test_both_paths_export_the_same_metrics() -> None:
 async def test_both_span_exporters_build_the_same_otlp_request() -> None:
     # Real server and stage spans of the workload, recorded in memory.
     tel, spans, _ = _telemetry(True)
-    core = MeteringCore(tel, ledger=InMemoryUsageSink(), pricebook=TestPriceBook())
+    core = MeteringCore(tel, ledger=IdempotentUsageSink(), pricebook=TestPriceBook())
     try:
         await _workload(core)
     finally:
         core.close()
         tel.shutdown()
     finished = list(spans.get_finished_spans())
-    assert len(finished) == 9  # 4 model calls + their stages + 1 health call
+    assert len(finished) == 13  # 6 model calls + their stages + 1 health call
     requests = {}
     otlp = {
         "exporter": "otlp",

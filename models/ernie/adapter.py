@@ -53,6 +53,7 @@ _OPTIONS = frozenset(
         "max_batch_size",
         "max_wait_ms",
         "batching",
+        "max_queued_items",
     ]
 )
 _INLINE_CHARS = 20_000  # longer texts are tokenized on a thread, not on the event loop
@@ -116,6 +117,8 @@ class ErnieAdapter(ModelAdapter):
         self.cpu_threads = _int_option(options, "cpu_threads", None, 1)
         self.pool_size = _int_option(options, "pool_size", 1, 1)
         self.max_batch_size = _int_option(options, "max_batch_size", 16, 1)
+        # Items waiting for a batch; more are refused (Overloaded) rather than queued.
+        self.max_queued_items = _int_option(options, "max_queued_items", 1024, 1)
         max_wait_ms = options.get("max_wait_ms", 5)
         if (
             isinstance(max_wait_ms, bool)
@@ -268,6 +271,7 @@ class ErnieAdapter(ModelAdapter):
                     self.max_batch_size,
                     self.max_wait_ms,
                     max_concurrency=self.pool_size,
+                    max_queue=self.max_queued_items,
                     # The host's pool; no request's context: a batch serves (links) several.
                     executor=self.executor,
                 )

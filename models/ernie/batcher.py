@@ -8,6 +8,10 @@ passes the host's inference pool). ``run_batch`` returns one result per item in 
 an item's result that is an ``Exception`` is raised to that item's caller only, and an
 exception from ``run_batch`` itself goes to every item of the batch. ``aclose`` runs
 what is queued before it returns.
+
+The queue is bounded: with ``max_queue`` items waiting for a batch, ``submit`` raises
+:class:`models.base.Overloaded` at once instead of queueing more (the caller hears
+RESOURCE_EXHAUSTED / 503), so a burst cannot grow memory without limit.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
+
+from models.base import Overloaded
 
 __all__ = ["BatcherClosed", "DynamicBatcher"]
 
@@ -31,8 +37,9 @@ class DynamicBatcher(Generic[T, R]):
     """Groups concurrent ``submit`` calls into batches for a blocking ``run_batch``.
 
     ``max_concurrency`` batches may run at once (match it to the predictor pool size);
-    ``executor`` is the thread pool they run on (the loop's default when None). The
-    batcher binds to the event loop of its first ``submit``.
+    ``executor`` is the thread pool they run on (the loop's default when None);
+    ``max_queue`` items may wait for a batch. The batcher binds to the event loop of its
+    first ``submit``.
     """
 
     def __init__(
@@ -43,6 +50,7 @@ class DynamicBatcher(Generic[T, R]):
         *,
         max_concurrency: int = 1,
         executor: Executor | None = None,
+        max_queue: int = 1024,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
@@ -50,6 +58,9 @@ class DynamicBatcher(Generic[T, R]):
             raise ValueError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
+        if not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"max_queue must be a positive integer, got {max_queue!r}")
+        self.max_queue = max_queue
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
@@ -79,6 +90,11 @@ class DynamicBatcher(Generic[T, R]):
             self._queue = asyncio.Queue()
             self._slots = asyncio.Semaphore(self._max_concurrency)
             self._collector = asyncio.get_running_loop().create_task(self._collect())
+        if self._queue.qsize() >= self.max_queue:
+            raise Overloaded(
+                f"{self._queue.qsize()} items are already waiting for a batch "
+                "(the model's max_queued_items); retry later"
+            )
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((item, future))
         return await future

@@ -45,11 +45,18 @@ def _sniff(data: bytes) -> str | None:
 
 def _header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the file header without decoding pixels, if PIL knows it."""
-    try:
-        from PIL import Image
+    from PIL import Image
 
+    try:
         with Image.open(io.BytesIO(data)) as im:
             return im.size
+    except Image.DecompressionBombError as exc:
+        # PIL refuses headers over twice its own pixel limit before reading them back to
+        # us; such an image must not reach cv2.imdecode, which would allocate all of it.
+        raise ResourceLimit(
+            f"image header declares more pixels than can be decoded safely ({exc}); "
+            "send a smaller image"
+        ) from None
     except Exception:  # PIL not knowing the format is fine: cv2 gets the final say
         return None
 

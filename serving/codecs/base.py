@@ -12,7 +12,7 @@ import numpy as np
 
 from serving.errors import ServingError
 
-__all__ = ["Codec", "OutputTensor", "digest", "require_pipeline_key"]
+__all__ = ["Codec", "OutputTensor", "bytes_elements", "digest", "require_pipeline_key"]
 
 
 @dataclasses.dataclass
@@ -28,6 +28,21 @@ def digest(payloads: Sequence[bytes]) -> str:
     for payload in payloads:
         h.update(payload)
     return h.hexdigest()
+
+
+def bytes_elements(inputs: Mapping[str, np.ndarray], name: str, what: str) -> list[str | bytes]:
+    """The elements of BYTES input ``name`` (str from REST JSON, bytes otherwise).
+
+    Any other datatype is refused: ``bytes(n)`` of a number would allocate n zero bytes
+    (INT64 data of 10**15 would ask for a petabyte). ``what`` says what the input holds.
+    """
+    array = inputs[name]
+    items = list(array.reshape(-1))
+    if array.dtype != np.object_ or not all(isinstance(x, str | bytes) for x in items):
+        raise ServingError(
+            "invalid_argument", f"input {name!r} must be a BYTES tensor ({what}), not {array.dtype}"
+        )
+    return items
 
 
 def require_pipeline_key(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.codecs.base import Codec, OutputTensor, require_pipeline_key
+from serving.codecs.base import Codec, OutputTensor, bytes_elements, require_pipeline_key
 from serving.errors import ServingError
 
 __all__ = ["ErnieCodec"]
@@ -80,12 +80,15 @@ class ErnieCodec(Codec):
                 "inputs must be 'text' (BYTES, UTF-8) and optionally 'text_pair'; "
                 f"got {sorted(inputs) or 'none'}",
             )
-        texts = [_text(v, f"input 'text'[{i}]") for i, v in enumerate(inputs["text"].reshape(-1))]
+        texts = [
+            _text(v, f"input 'text'[{i}]")
+            for i, v in enumerate(bytes_elements(inputs, "text", "UTF-8 text"))
+        ]
         pairs = None
         if "text_pair" in inputs:
             pairs = [
                 _text(v, f"input 'text_pair'[{i}]")
-                for i, v in enumerate(inputs["text_pair"].reshape(-1))
+                for i, v in enumerate(bytes_elements(inputs, "text_pair", "UTF-8 text"))
             ]
         return self._items(texts, pairs), [t.encode() for t in texts + (pairs or [])]
 

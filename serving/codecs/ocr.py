@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.codecs.base import Codec, OutputTensor, require_pipeline_key
+from serving.codecs.base import Codec, OutputTensor, bytes_elements, require_pipeline_key
 from serving.errors import ServingError
 
 __all__ = ["OcrCodec"]
@@ -58,7 +58,7 @@ class OcrCodec(Codec):
                 f"missing input 'image' (BYTES: the image file's bytes); got {sorted(inputs) or 'none'}",
             )
         images: list[bytes] = []
-        for i, item in enumerate(inputs["image"].reshape(-1)):
+        for i, item in enumerate(bytes_elements(inputs, "image", "the image file's bytes")):
             if isinstance(item, str):  # REST JSON without the binary extension: base64 text
                 images.append(_b64decode(item, f"input 'image'[{i}]"))
             else:
