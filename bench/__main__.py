@@ -1,6 +1,7 @@
 """Run every benchmark, then gather their sections into docs/BENCHMARKS.md.
 
     make bench            (or: .venv/bin/python bench [--only ocr_served,tokenizer])
+    .venv/bin/python -m bench soak --minutes 10   (one bench; options after it go to it)
 
 Each bench writes its own docs/bench_*.md section and compares against its named reference
 in the same run; this runner only sequences them and concatenates the sections.
@@ -22,8 +23,11 @@ BENCHES = {
     "tokenizer": ["bench/bench_tokenizer.py"],
     "ernie": ["bench/bench_ernie.py"],
     "ledger": ["bench/bench_ledger.py"],
+    "soak": ["bench/bench_soak.py", "--minutes", "10"],
 }
-ORDER = ["ocr_inprocess", "ocr_served", "metering", "tokenizer", "ernie", "ledger"]
+ORDER = ["ocr_inprocess", "ocr_served", "metering", "tokenizer", "ernie", "ledger", "soak"]
+# The benches that compare against PaddleOCR 3.x in its own venv.
+NEEDS_PADDLEOCR_VENV = {"ocr_inprocess", "ocr_served"}
 
 
 def collect() -> Path:
@@ -47,15 +51,22 @@ def collect() -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "bench", nargs="?", choices=ORDER, help="run only this bench, with the options that follow"
+    )
     parser.add_argument("--only", help="comma-separated subset of " + ",".join(ORDER))
     parser.add_argument("--collect-only", action="store_true")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    if extra and not args.bench:
+        parser.error(f"unrecognized arguments: {' '.join(extra)} (options go after a bench name)")
     if not args.collect_only:
-        subprocess.run([str(REPO / "scripts/setup_paddleocr_bench_venv.sh")], check=True)
-        names = args.only.split(",") if args.only else ORDER
+        names = [args.bench] if args.bench else args.only.split(",") if args.only else ORDER
+        if NEEDS_PADDLEOCR_VENV & set(names):
+            subprocess.run([str(REPO / "scripts/setup_paddleocr_bench_venv.sh")], check=True)
         for name in names:
             print(f"== bench {name}", flush=True)
-            subprocess.run([sys.executable, *BENCHES[name]], cwd=REPO, check=True)
+            # Later options win in the benches' argparse: the caller's override the defaults.
+            subprocess.run([sys.executable, *BENCHES[name], *extra], cwd=REPO, check=True)
     print(f"wrote {collect()}")
     return 0
 

@@ -7,8 +7,8 @@ endpoint the test owns, normally an `OtlpSink`. Batching, request timeouts and
 retries are cut to milliseconds/seconds so data reaches the sink quickly and a
 stopped sink never holds shutdown up for minutes.
 
-`stop()` then `start()` brings the collector back on the SAME ports, which is
-what a "collector down, then back" test needs. Nothing here talks to the
+`stop()` (or `kill()`, a crash) then `start()` brings the collector back on the SAME
+ports, which is what a "collector down, then back" test needs. Nothing here talks to the
 network beyond loopback, and no environment variable is required; ROTEL_*
 variables of the calling process are dropped so they cannot change the setup.
 """
@@ -27,7 +27,11 @@ from pathlib import Path
 
 from .otlp_sink import OtlpSink
 
-__all__ = ["OtlpSink", "RotelCollector", "find_rotel_agent"]
+__all__ = ["FAST_EXPORT_ENV", "OtlpSink", "RotelCollector", "find_rotel_agent"]
+
+# For a server subprocess: push metrics every 0.3 s and spans every 0.1 s, so a test
+# sees telemetry promptly instead of after the SDK's 60 s / 5 s defaults.
+FAST_EXPORT_ENV = {"OTEL_METRIC_EXPORT_INTERVAL": "300", "OTEL_BSP_SCHEDULE_DELAY": "100"}
 
 
 def find_rotel_agent() -> Path:
@@ -198,6 +202,13 @@ class RotelCollector:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the agent (it flushes what it holds), SIGKILL after `timeout`. Idempotent."""
         self._terminate(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the agent: a crash, nothing flushed. `start()` brings it back. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
     def _terminate(self, timeout: float = 10.0) -> None:
         proc, self._proc = self._proc, None

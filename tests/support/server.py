@@ -1,7 +1,8 @@
 """Run the real ``paddle-meter serve`` as a subprocess on free loopback ports, for tests.
 
 One server per test module (loading PP-OCR takes seconds): ``ServerProcess`` writes a
-config file into a temp dir, starts the console script, waits until both ports answer and
+config file into a temp dir, starts the console script (on free ports, or on the given ones
+to replace a killed server where its clients connect), waits until both ports answer and
 the models are ready, and on ``stop()`` sends SIGTERM and fails unless the server exits 0
 in time (a graceful stop that crashes or hangs is a bug, not noise).
 """
@@ -40,10 +41,13 @@ class ServerProcess:
         *,
         env: Mapping[str, str] | None = None,
         workers: int = 1,
+        grpc_port: int | None = None,
+        http_port: int | None = None,
     ) -> None:
         self.workdir = Path(workdir)
-        self.grpc_port = free_port()
-        self.http_port = free_port()
+        # Given ports: a replacement for a killed server, found where clients already connect.
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
         self.config = dict(config or {})
         self.config.setdefault("server", {})
         self.config["server"] = {
