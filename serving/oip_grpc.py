@@ -129,3 +129,33 @@ class OipGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
             response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
             response.raw_output_contents.append(output.raw)
         return response
+
+
+def _unimplemented(name: str, streaming: bool) -> Callable[..., Any]:
+    """An answer for an OIP/Triton method paddle-meter does not offer: UNIMPLEMENTED with
+    a message, where the generated base class would raise NotImplementedError (which grpc
+    logs as an unexpected servicer error)."""
+    message = f"{SERVICE_NAME}/{name} is not offered by paddle-meter"
+
+    if streaming:
+
+        async def refuse_stream(self: Any, request: Any, context: grpc.aio.ServicerContext):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+            yield  # pragma: no cover (an async generator, as the stream handler expects)
+
+        return refuse_stream
+
+    async def refuse(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    return refuse
+
+
+for _method in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+    if _method.name not in OipGrpcService.__dict__:
+        setattr(
+            OipGrpcService,
+            _method.name,
+            _unimplemented(_method.name, _method.server_streaming),
+        )
+del _method

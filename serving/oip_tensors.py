@@ -58,14 +58,30 @@ CONTENTS_FIELD = {
 }
 
 
+# numpy refuses shapes whose non-zero dimensions multiply past its index range (even with
+# a zero dimension, so zero elements), and arrays of more than 32 dimensions (numpy 1.x).
+_MAX_DIMS = 32
+_MAX_EXTENT = 2**62
+
+
 def _element_count(name: str, shape: Sequence[int]) -> int:
-    count = 1
+    if len(shape) > _MAX_DIMS:
+        raise ServingError(
+            "invalid_argument",
+            f"input {name!r}: shape has {len(shape)} dimensions; at most {_MAX_DIMS} are allowed",
+        )
+    count, extent = 1, 1
     for dim in shape:
         if dim < 0:
             raise ServingError(
                 "invalid_argument", f"input {name!r}: shape {list(shape)} has a negative dimension"
             )
         count *= dim
+        extent *= dim or 1
+    if extent > _MAX_EXTENT:
+        raise ServingError(
+            "invalid_argument", f"input {name!r}: shape {list(shape)} is larger than any tensor"
+        )
     return count
 
 

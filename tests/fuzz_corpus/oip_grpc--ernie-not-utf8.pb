@@ -1,0 +1,3 @@
+
+ernie* 
+textBYTES*Bÿþ not UTF-8
