@@ -7,6 +7,9 @@ machine noise hits every mode alike):
   on     ``paddle-meter serve`` with metering on: SERVER span + stage spans, metrics, usage
          trailers, SQLite ledger (model calls), OTLP/gRPC export to a local rotel-agent
          collector (tests/support/collector.py), Prometheus reader for /metrics
+  previous  metering on, served from a git worktree of ``--previous-ref`` (default: the
+         last commit before the billing-integrity policy): the added CPU per call of the
+         newer code is ``on`` minus ``previous``, measured side by side in this run
   stock  metering off + ``opentelemetry-instrumentation-grpc``'s aio server interceptor,
          exporting its spans to the same collector (bench/serve_stock_otel.py: the same
          PaddleMeterServer with that one interceptor added; product code untouched)
@@ -44,7 +47,18 @@ sys.path.insert(0, str(REPO / "tests"))
 from support.collector import OtlpSink, RotelCollector  # noqa: E402
 from support.server import ServerProcess  # noqa: E402
 
-MODES = ("off", "on", "stock")
+MODES = ("off", "on", "previous", "stock")
+# The last commit before issue 9's policy (idempotency per tenant, fail-closed start,
+# header checks, ledger health): ``previous`` mode measures it against the working tree.
+PREVIOUS_REF = "1eb7da6"
+# Runs ``paddle-meter serve`` from another tree: the editable install's import hook would
+# otherwise resolve every project package to this checkout.
+_SERVE_FROM_TREE = (
+    "import sys; tree = sys.argv.pop(1); "
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
+    "sys.path.insert(0, tree); "
+    "from serving.cli import main; sys.argv[1:1] = ['serve']; sys.exit(main())"
+)
 CALLS = ("server_live", "ocr")
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 # The bench measures at the OTel SDK's default cadences (a deployed server's), not the
@@ -94,11 +108,20 @@ class BenchServer(ServerProcess):
         return (int(fields[11]) + int(fields[12])) * _TICK_S  # fields 14, 15 of stat(5)
 
 
-def _start_servers(root: Path, otel_env: dict[str, str], modes: list[str]) -> dict[str, Any]:
+def _previous_tree(root: Path, ref: str) -> Path:
+    """A detached git worktree of ``ref`` under ``root`` (removed with ``root``)."""
+    tree = root / "previous-tree"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), ref],
+                   check=True, capture_output=True)
+    return tree
+
+
+def _start_servers(root: Path, otel_env: dict[str, str], modes: list[str],
+                   previous_ref: str = PREVIOUS_REF) -> dict[str, Any]:
     models = {"ocr": {"kind": "ocr", "options": _OCR_OPTIONS}}
     servers: dict[str, BenchServer] = {}
     for mode in modes:
-        metering_on = mode == "on"
+        metering_on = mode in ("on", "previous")
         config = {
             "models": models,
             "metering": {"enabled": metering_on},
@@ -106,7 +129,10 @@ def _start_servers(root: Path, otel_env: dict[str, str], modes: list[str]) -> di
         }
         launcher = ([sys.executable, str(REPO / "bench" / "serve_stock_otel.py")]
                     if mode == "stock" else None)
-        env = otel_env if mode in ("on", "stock") else {}
+        if mode == "previous":
+            tree = _previous_tree(root, previous_ref)
+            launcher = [sys.executable, "-c", _SERVE_FROM_TREE, str(tree)]
+        env = otel_env if mode in ("on", "previous", "stock") else {}
         servers[mode] = BenchServer(root / mode, config, env=env, launcher=launcher).start()
     return servers
 
@@ -163,7 +189,8 @@ def _measure(server: BenchServer, spec: Any, calls: int, concurrency: int) -> tu
 
 
 def run(rounds: int, calls: dict[str, int], concurrency: dict[str, int],
-        modes: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        modes: list[str], previous_ref: str = PREVIOUS_REF,
+        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """All servers up, then ``rounds`` rounds of every (call, mode); medians per cell."""
     specs = _requests()
     samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -171,7 +198,9 @@ def run(rounds: int, calls: dict[str, int], concurrency: dict[str, int],
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         sink = stack.enter_context(OtlpSink())
         collector = stack.enter_context(RotelCollector(sink.endpoint))
-        servers = _start_servers(Path(tmp), collector.otel_env("grpc"), modes)
+        stack.callback(subprocess.run, ["git", "-C", str(REPO), "worktree", "prune"],
+                       check=False, capture_output=True)
+        servers = _start_servers(Path(tmp), collector.otel_env("grpc"), modes, previous_ref)
         for server in servers.values():
             stack.callback(server.stop)  # idempotent: stop() on an exited process
         for n in range(rounds):
@@ -209,6 +238,10 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], args: argparse.Name
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        if r["mode"] == "previous":
+            info.setdefault("policy_cpu", []).append(
+                (r["call"], next(o["cpu_us"] for o in rows
+                                 if o["call"] == r["call"] and o["mode"] == "on") - r["cpu_us"]))
         lines.append(f"| {r['call']} | {r['mode']} | {r['calls']} | {r['concurrency']} | "
                      f"{r['rps']:.1f} | {r['ratio']:.3f} | {r['cpu_us']:.0f} | "
                      f"{r['added_cpu_us']:+.0f} |")
@@ -223,6 +256,8 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], args: argparse.Name
         f"{info['spans_at_collector']}",
         "",
         *lines,
+        *([""] + [f"- CPU added per call by this tree over `{args.previous_ref}` (on - previous), "
+                  f"{call}: {delta:+.0f} us/req" for call, delta in info.get("policy_cpu", [])]),
     ])
 
 
@@ -235,6 +270,8 @@ def main() -> None:
     parser.add_argument("--ocr-concurrency", type=int, default=2)
     parser.add_argument("--calls", default=",".join(CALLS))
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--previous-ref", default=PREVIOUS_REF,
+                        help="git ref served by the 'previous' mode (metering on)")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -245,7 +282,7 @@ def main() -> None:
         parser.error("the first mode is the baseline and must be 'off'")
     calls = {c: {"server_live": args.live_calls, "ocr": args.ocr_calls}[c] for c in wanted}
     concurrency = {"server_live": args.live_concurrency, "ocr": args.ocr_concurrency}
-    rows, info = run(args.rounds, calls, concurrency, modes)
+    rows, info = run(args.rounds, calls, concurrency, modes, args.previous_ref)
     text = render(rows, info, args)
     print(text)
     if args.out:
