@@ -39,6 +39,7 @@ from exporters import semconv as sc
 from interceptors.billing_policy import rendered_by_frontend
 from interceptors.call import MeteredCall
 from interceptors.core import MeteringCore
+from interceptors.handler_cache import HandlerCache
 from serving.errors import ServingError, grpc_code, grpc_trailers
 
 __all__ = ["MeteringServerInterceptor"]
@@ -142,9 +143,7 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
         # Request sizes noted by the wrapped deserializer, keyed by the message's id,
         # taken by the wrapper that receives that very message (same event loop).
         self._sizes: dict[int, int] = {}
-        # Wrapped handlers by method: servers hand back the same handler object per
-        # method, so the wrapping (closures, a new RpcMethodHandler) is done once.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._handlers = HandlerCache(self._wrap_handler)
 
     async def intercept_service(
         self,
@@ -154,13 +153,7 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if not self._core.enabled or handler is None:
             return handler
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap_handler(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self._handlers.wrapped(handler, handler_call_details.method)
 
     def _wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """One metered handler for ``method`` ("/package.Service/Method")."""

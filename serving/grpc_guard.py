@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from interceptors.handler_cache import HandlerCache
 from serving.errors import grpc_code, grpc_trailers
 
 __all__ = ["GrpcGuard", "grpc_backstop"]
@@ -75,8 +76,7 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
             f"the server is at its limit of {max_concurrent} concurrent gRPC calls "
             "(server.max_concurrent_rpcs); retry later"
         )
-        # Servers hand back the same handler object per method: wrap each once.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._handlers = HandlerCache(self._wrap)
 
     async def intercept_service(
         self,
@@ -86,13 +86,7 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self._handlers.wrapped(handler, handler_call_details.method)
 
     # -- pieces ------------------------------------------------------------------------
 
