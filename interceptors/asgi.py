@@ -53,8 +53,8 @@ def _error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-def _extra_headers(kind: str) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode(), v.encode()) for k, v in http_headers(kind).items()]
+def _extra_headers(refusal: ServingError) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode(), v.encode()) for k, v in http_headers(refusal).items()]
 
 
 def default_skip(path: str) -> bool:
@@ -141,7 +141,7 @@ class MeteringMiddleware:
             headers = [
                 (b"content-type", _JSON),
                 (b"content-length", str(len(body)).encode()),
-                *_extra_headers(refusal.kind),
+                *_extra_headers(refusal),
             ]
             status = http_status(refusal.kind)
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -223,7 +223,7 @@ class MeteringMiddleware:
             http_status(refusal.kind),
             _error_body(refusal.message),
             _JSON,
-            _extra_headers(refusal.kind),
+            _extra_headers(refusal),
         )
 
     @staticmethod

@@ -401,7 +401,7 @@ async def _abort(
     context: grpc.aio.ServicerContext, refusal: ServingError, trailers: Any
 ) -> None:
     """Refuse with the kind's code; ``retry-after`` where HTTP would send Retry-After."""
-    extra = grpc_trailers(refusal.kind)
+    extra = grpc_trailers(refusal)
     await context.abort(
         grpc_code(refusal.kind), refusal.message, (*trailers, *extra) if extra else trailers
     )

@@ -21,6 +21,7 @@ from exporters.ledger.spool import SPOOL_DIR_NAME
 
 __all__ = [
     "ConfigError",
+    "auth_secret_path",
     "DEFAULT_CONFIG_PATH",
     "PROJECT_ROOT",
     "ledger_options",
@@ -56,6 +57,7 @@ _POSITIVE_INTS = {
     ("server", "inference_threads"): 1,
     ("metering", "max_replays"): 0,
     ("ledger", "max_pending"): 1,
+    ("auth", "max_failures"): 1,
 }
 
 
@@ -110,6 +112,37 @@ def _validate_ints(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"{block}.{key}: expected an integer >= {least}, got {value!r}")
 
 
+_AUTH_MODES = ("off", "required")
+_POSITIVE_NUMBERS = (
+    ("auth", "cache_ttl_s"),
+    ("auth", "max_stale_s"),
+    ("auth", "failure_window_s"),
+)
+
+
+def _validate_auth(config: dict[str, Any]) -> None:
+    auth = config["auth"]
+    mode = auth["mode"]
+    if mode is False:  # YAML 1.1 reads a bare `off` as false
+        mode = auth["mode"] = "off"
+    if mode not in _AUTH_MODES:
+        raise ConfigError(f"auth.mode: expected one of {list(_AUTH_MODES)}, got {mode!r}")
+    for block, key in _POSITIVE_NUMBERS:
+        value = config[block][key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{block}.{key}: expected a number > 0, got {value!r}")
+    grace = auth["rotation_grace_s"]
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
+        raise ConfigError(f"auth.rotation_grace_s: expected a number >= 0, got {grace!r}")
+    if not isinstance(auth["metrics_require_key"], bool):
+        raise ConfigError("auth.metrics_require_key: expected true or false")
+    tls = config["server"]["tls"]
+    if bool(tls["cert_file"]) != bool(tls["key_file"]):
+        raise ConfigError("server.tls: set both cert_file and key_file, or neither")
+    if tls["client_ca_file"] and not tls["cert_file"]:
+        raise ConfigError("server.tls.client_ca_file needs cert_file and key_file as well")
+
+
 def load_config(
     path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -130,6 +163,7 @@ def load_config(
     _validate_models(config["models"] or {})
     _validate_headers(config["telemetry"]["otlp_headers"] or {})
     _validate_ints(config)
+    _validate_auth(config)
     return config
 
 
@@ -155,6 +189,13 @@ def ledger_options(config: Mapping[str, Any], data_dir: str | Path | None = None
         base = Path(data_dir if data_dir is not None else config["server"]["data_dir"])
         options["spool_dir"] = str(base / SPOOL_DIR_NAME)
     return options
+
+
+def auth_secret_path(config: Mapping[str, Any]) -> Path:
+    """The server secret's file: ``auth.secret_file``, else ``<data_dir>/auth.secret``
+    ($PADDLE_METER_AUTH_SECRET, when set, wins over either: auth/secret.py)."""
+    path = config["auth"]["secret_file"]
+    return Path(path) if path else Path(config["server"]["data_dir"]) / "auth.secret"
 
 
 def pricing_path(config: Mapping[str, Any]) -> Path:

@@ -8,6 +8,7 @@ adapter); the protocol layer turns it into a gRPC status, an HTTP status with OI
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,17 +27,33 @@ __all__ = [
     "log_internal",
     "pipeline_err_no",
     "RETRY_AFTER_S",
+    "WWW_AUTHENTICATE",
     "unknown_model",
 ]
 
 
 class ServingError(Exception):
-    """A request that cannot be served; ``kind`` picks the status, ``message`` is for people."""
+    """A request that cannot be served; ``kind`` picks the status, ``message`` is for people.
 
-    def __init__(self, kind: str, message: str) -> None:
+    ``retry_after_s``: when the caller may retry (HTTP ``Retry-After``, gRPC trailing
+    metadata ``retry-after``); None leaves the kind's default (:func:`http_headers`).
+    ``reason``: a short machine word for metrics (e.g. an authentication failure's
+    ``unknown_key``); never shown in place of ``message``.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        reason: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.retry_after_s = retry_after_s
+        self.reason = reason
 
 
 log = logging.getLogger(__name__)
@@ -59,6 +76,9 @@ _GRPC = {
     "internal": grpc.StatusCode.INTERNAL,
     "already_exists": grpc.StatusCode.ALREADY_EXISTS,
     "overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 _HTTP = {
     "invalid_argument": 400,
@@ -70,6 +90,9 @@ _HTTP = {
     "internal": 500,
     "already_exists": 409,
     "overloaded": 503,  # with Retry-After (RETRY_AFTER_S): back-pressure, not a size limit
+    "unauthenticated": 401,  # with WWW-Authenticate: Bearer
+    "permission_denied": 403,
+    "rate_limited": 429,  # with Retry-After
 }
 # Paddle Serving 0.9's CustomExceptionCode (pipeline/error_catch.py), so its clients' checks hold.
 _PIPELINE = {
@@ -82,6 +105,11 @@ _PIPELINE = {
     "internal": 10000,  # UNKNOW
     "already_exists": 5000,  # INPUT_PARAMS_ERROR: the caller reused a request id
     "overloaded": 3001,  # CLOSED_ERROR, as Paddle Serving answers when it cannot take work
+    # Paddle Serving 0.9 has no authentication codes: ours, outside its CustomExceptionCode
+    # values, shaped after the HTTP statuses (documented in docs/design.md).
+    "unauthenticated": 4001,
+    "permission_denied": 4003,
+    "rate_limited": 4029,
 }
 
 
@@ -128,14 +156,36 @@ def http_status(kind: str) -> int:
     return _HTTP.get(kind, 500)
 
 
-def http_headers(kind: str) -> dict[str, str]:
-    """Extra headers for an HTTP error answer of ``kind``: every 503 says ``Retry-After``."""
-    return {"Retry-After": str(RETRY_AFTER_S)} if http_status(kind) == 503 else {}
+#: the ``WWW-Authenticate`` challenge of every 401 (RFC 6750)
+WWW_AUTHENTICATE = 'Bearer realm="paddle-meter"'
 
 
-def grpc_trailers(kind: str) -> tuple[tuple[str, str], ...]:
-    """Trailing metadata for a gRPC error of ``kind``: ``retry-after`` where HTTP sends it."""
-    return (("retry-after", str(RETRY_AFTER_S)),) if http_status(kind) == 503 else ()
+def _retry_after(error: str | ServingError) -> str | None:
+    if isinstance(error, ServingError):
+        if error.retry_after_s is not None:
+            return str(max(1, math.ceil(error.retry_after_s)))
+        error = error.kind
+    return str(RETRY_AFTER_S) if http_status(error) in (429, 503) else None
+
+
+def http_headers(error: str | ServingError) -> dict[str, str]:
+    """Extra headers for an HTTP error answer (a kind or the error itself): every 503 and
+    429 says ``Retry-After`` (the error's own ``retry_after_s`` when set), every 401
+    ``WWW-Authenticate: Bearer``."""
+    kind = error.kind if isinstance(error, ServingError) else error
+    headers: dict[str, str] = {}
+    retry = _retry_after(error)
+    if retry is not None:
+        headers["Retry-After"] = retry
+    if kind == "unauthenticated":
+        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+    return headers
+
+
+def grpc_trailers(error: str | ServingError) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata for a gRPC error: ``retry-after`` where HTTP sends Retry-After."""
+    retry = _retry_after(error)
+    return (("retry-after", retry),) if retry is not None else ()
 
 
 def pipeline_err_no(kind: str) -> int:

@@ -59,7 +59,7 @@ def _error(exc: BaseException, request: Request | None = None) -> JSONResponse:
     return JSONResponse(
         {"error": error.message},
         status_code=http_status(error.kind),
-        headers=http_headers(error.kind),
+        headers=http_headers(error),
     )
 
 
@@ -315,7 +315,7 @@ def _pipeline_router(host: ModelHost, max_depth: int) -> APIRouter:
             return JSONResponse(
                 {"err_no": pipeline_err_no(error.kind), "err_msg": error.message},
                 status_code=http_status(error.kind),
-                headers=http_headers(error.kind),
+                headers=http_headers(error),
             )
         reply = await answer_pipeline(
             host,

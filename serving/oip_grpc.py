@@ -80,7 +80,7 @@ def _answers_errors(method: Handler) -> Handler:
                 log_internal(
                     exc, caller_request_id(context), surface="grpc", method=method.__name__
                 )
-            await context.abort(grpc_code(error.kind), error.message, grpc_trailers(error.kind))
+            await context.abort(grpc_code(error.kind), error.message, grpc_trailers(error))
 
     return wrapper
 
