@@ -19,6 +19,11 @@ Back-pressure, per transport: gRPC calls pass serving/grpc_guard.py (after meter
 ``server.max_concurrent_rpcs``, grpc's own limit a little higher), HTTP requests pass
 serving/http_app.py's ConcurrencyLimit (``server.max_concurrent_http``), inferences the
 model host's bounded pool (``server.max_queued_inferences``).
+
+Before anything loads, :func:`serving.tls.check_exposure` refuses ``auth.mode: off`` on a
+non-loopback address and :func:`serving.tls.load_tls` validates ``server.tls``; with a
+certificate both ports speak TLS only (gRPC ``add_secure_port``, uvicorn's SSL context on
+the pre-bound socket), and with ``client_ca_file`` both require a client certificate.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from serving.http_app import BodyLimit, ConcurrencyLimit, build_http_app
 from serving.metering_setup import Metering, build_metering
 from serving.model_host import ModelHost
 from serving.proto import pipeline_service_pb2_grpc
+from serving.tls import ServerTls, check_exposure, load_tls
 
 __all__ = ["PaddleMeterServer", "serve_forever"]
 
@@ -122,6 +128,7 @@ class PaddleMeterServer:
         self._health_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._tls: ServerTls | None = None
 
     def ready(self) -> bool:
         """Every model ready and the ledger (if any) able to accept a record now."""
@@ -136,6 +143,9 @@ class PaddleMeterServer:
             await asyncio.sleep(_HEALTH_REFRESH_S)
 
     async def start(self) -> None:
+        # Before the models load: a refused exposure or a bad TLS file fails in an instant.
+        check_exposure(self.config)
+        self._tls = load_tls(self.config)
         data_dir = prepare_data_dir(self.config["server"]["data_dir"])
         await asyncio.to_thread(self.models.load)
         self.metering = build_metering(self.config, data_dir)
@@ -149,6 +159,7 @@ class PaddleMeterServer:
                 "grpc": f"{self._host_addr}:{self.grpc_port}",
                 "http": f"{self._host_addr}:{self.http_port}",
                 "models": ",".join(self.models.names()),
+                "tls": self._tls.describe() if self._tls is not None else "off",
                 "pid": os.getpid(),
             },
         )
@@ -185,11 +196,22 @@ class PaddleMeterServer:
         )
         address = f"{self._host_addr}:{self.grpc_port}"
         try:
-            self.grpc_port = server.add_insecure_port(address)
+            if self._tls is not None:
+                self.grpc_port = server.add_secure_port(address, self._tls.grpc_credentials())
+            else:
+                self.grpc_port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise RuntimeError(f"cannot listen for gRPC on {address}: port in use?") from exc
         await server.start()
         self._grpc = server
+        if self._tls is not None:
+            log.info(
+                "gRPC speaks TLS only",
+                extra={
+                    "cert_file": str(self._tls.cert_file),
+                    "client_certificates": "required" if self._tls.mutual else "not asked",
+                },
+            )
 
     async def _start_http(self) -> None:
         assert self.metering is not None
@@ -205,6 +227,9 @@ class PaddleMeterServer:
         )
         sock = _listen_socket(self._host_addr, self.http_port, self._reuse_port)
         self.http_port = sock.getsockname()[1]
+        # uvicorn wraps the sockets given to serve() in its SSL context too (loop.create_server
+        # with ssl=config.ssl), so the pre-bound SO_REUSEPORT socket speaks TLS only.
+        tls_options = self._tls.uvicorn_options() if self._tls is not None else {}
         config = uvicorn.Config(
             asgi,
             log_config=None,
@@ -212,6 +237,7 @@ class PaddleMeterServer:
             lifespan="off",
             timeout_graceful_shutdown=int(self._grace_s),
             server_header=False,
+            **tls_options,
         )
         self._http = uvicorn.Server(config)
         # uvicorn installs its own signal handlers inside serve(); ours govern both servers.
@@ -221,6 +247,14 @@ class PaddleMeterServer:
             if self._http_task.done():
                 self._http_task.result()
             await asyncio.sleep(0.01)
+        if self._tls is not None:
+            log.info(
+                "HTTP speaks TLS only",
+                extra={
+                    "cert_file": str(self._tls.cert_file),
+                    "client_certificates": "required" if self._tls.mutual else "not asked",
+                },
+            )
 
     async def stop(self) -> None:
         """Stop accepting, finish in-flight requests, flush; idempotent."""

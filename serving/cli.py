@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from auth.cli import add_key_subcommands
 from billing.cli import add_subcommands
 from exporters.ledger import LedgerUnavailable, redact_dsn
 from serving.config import ConfigError, ledger_url, load_config, pricing_path
@@ -45,6 +46,13 @@ def _worker(config: dict[str, Any]) -> None:
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, _serve_overrides(args))
     setup_logging(config["logging"]["level"], config["logging"]["format"])
+    # Refused here, before any worker loads a model: auth off off-loopback, bad TLS files.
+    # (Light imports: serving.tls needs grpc and ssl only. Each worker checks again and
+    # logs the auth-off warning.)
+    from serving.tls import check_exposure, load_tls
+
+    check_exposure(config, warn=False)
+    load_tls(config)
     workers = int(config["server"]["workers"])
     if workers <= 1:
         _worker(config)
@@ -106,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     # ($PADDLE_METER_CONFIG merged over the default), unless --ledger names another.
     config = load_config(os.environ.get("PADDLE_METER_CONFIG"))
     add_subcommands(sub, default_ledger=ledger_url(config))
+    add_key_subcommands(sub, config=config)
     parser.set_defaults(pricing=str(pricing_path(config)))
     return parser
 

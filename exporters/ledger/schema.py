@@ -1,10 +1,14 @@
 """Ledger schema, its versioned migrations, and record <-> row conversion.
 
-One schema for SQLite and PostgreSQL (only column types differ). Four tables:
+One schema for SQLite and PostgreSQL (only column types differ). Seven tables:
 ``usage_records`` (one row per request attempt), ``usage_rollup_minute`` (per-minute
 aggregates by tenant/model/operation/status class, updated in the same transaction as
 the raw rows so reports need not scan raw records), ``bill_audit`` (old and new figures
-of every repriced record) and ``request_replays`` (how often an ok record was replayed).
+of every repriced record), ``request_replays`` (how often an ok record was replayed),
+and since v5 the API keys (auth/keys.py): ``api_keys`` (one row per key, holding only
+its keyed digest, never the key), ``key_events`` (audit trail: created, revoked,
+rotated) and ``auth_meta`` (a check value of the server secret the digests are keyed
+with, so a server started with another secret is refused instead of rejecting every key).
 ``schema_migrations`` records which migrations ran; :func:`migrate` upgrades an existing
 ledger in place.
 
@@ -350,12 +354,35 @@ def _per_tenant_key_ddl(dialect: str) -> list[str]:
     ]
 
 
+def _keys_ddl(dialect: str) -> list[str]:
+    """v5: api_keys, key_events and auth_meta (auth/keys.py reads and writes them).
+
+    Timestamps are :func:`normalize_ts` text like everywhere else. No foreign key from
+    key_events to api_keys: the audit trail outlives any cleanup of the key table.
+    """
+    serial = (
+        "BIGSERIAL PRIMARY KEY" if dialect == "postgresql" else "INTEGER PRIMARY KEY AUTOINCREMENT"
+    )
+    return [
+        "CREATE TABLE IF NOT EXISTS api_keys (key_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
+        "role TEXT NOT NULL, name TEXT, hint TEXT NOT NULL, digest TEXT NOT NULL, "
+        "created_at TEXT NOT NULL, expires_at TEXT, revoked_at TEXT, last_used_at TEXT, "
+        "previous_digest TEXT, previous_valid_until TEXT, updated_at TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS api_keys_created ON api_keys (created_at)",
+        f"CREATE TABLE IF NOT EXISTS key_events (id {serial}, key_id TEXT NOT NULL, "
+        "at TEXT NOT NULL, event TEXT NOT NULL, actor TEXT, detail TEXT)",
+        "CREATE INDEX IF NOT EXISTS key_events_key ON key_events (key_id, at)",
+        "CREATE TABLE IF NOT EXISTS auth_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ]
+
+
 # (version, description, DDL builder). Append only: released versions never change.
 MIGRATIONS: tuple[tuple[int, str, Callable[[str], list[str]]], ...] = (
     (1, "usage_records", _raw_ddl),
     (2, "usage_rollup_minute (backfilled from usage_records)", _rollup_ddl),
     (3, "bill_audit", _audit_ddl),
     (4, "per-tenant billing key, request_replays, bill_audit tenant", _per_tenant_key_ddl),
+    (5, "api_keys, key_events, auth_meta", _keys_ddl),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
