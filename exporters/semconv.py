@@ -20,6 +20,10 @@ GEN_AI_TOKEN_TYPE_OUTPUT: Final = "output"
 
 # --- paddle-meter span attributes ------------------------------------------------------
 PADDLE_METER_TENANT: Final = "paddle_meter.tenant"
+# The id of the API key that made the call (never the key itself); absent with auth off.
+PADDLE_METER_API_KEY_ID: Final = "paddle_meter.api_key_id"
+# Why an authentication or authorization failed (missing_key, unknown_key, revoked ...).
+PADDLE_METER_AUTH_FAILURE: Final = "paddle_meter.auth.failure"
 PADDLE_METER_REQUEST_ID: Final = "paddle_meter.request_id"
 PADDLE_METER_CHARACTERS: Final = "paddle_meter.characters"
 PADDLE_METER_IMAGES: Final = "paddle_meter.images"
@@ -62,6 +66,8 @@ METRIC_RESPONSE_SIZE: Final = "paddle_meter.response.size"  # By
 METRIC_RPC_SERVER_CALL_DURATION: Final = "rpc.server.call.duration"  # s
 METRIC_HTTP_SERVER_REQUEST_DURATION: Final = "http.server.request.duration"  # s
 METRIC_METER_ERRORS: Final = "paddle_meter.meter_errors"  # {error}
+# Refused authentications and authorizations, by paddle_meter.auth.failure: {attempt}
+METRIC_AUTH_FAILURES: Final = "paddle_meter.auth.failures"
 # Ledger health (registered when the ledger implements exporters.ledger.base.ReportsHealth).
 METRIC_LEDGER_SPOOL_PENDING: Final = "paddle_meter.ledger.spool_pending"  # {record}, gauge
 METRIC_LEDGER_WRITE_FAILURES: Final = "paddle_meter.ledger.write_failures"  # {record}

@@ -21,6 +21,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from auth.roles import Permission, http_permission
 from exporters import semconv as sc
 from interceptors.billing_policy import rendered_by_frontend
 from interceptors.call import MeteredCall
@@ -47,6 +48,7 @@ _JSON = b"application/json"
 # Reads (metadata, readiness, /v1/usage): never model calls, so they stay answerable while
 # the ledger cannot accept records.
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_MAX_REMEMBERED_ROUTES = 1024
 
 
 def _error_body(message: str) -> bytes:
@@ -105,6 +107,18 @@ class MeteringMiddleware:
         self.app = app
         self.core = core
         self.skip = skip
+        self._access_by_route: dict[tuple[str, str], tuple[Permission, bool]] = {}
+
+    def _access(self, method: str, path: str) -> tuple[Permission, bool]:
+        """The endpoint's (permission, key may come in the body), remembered per path
+        (bounded: paths are caller-chosen)."""
+        key = (method, path)
+        access = self._access_by_route.get(key)
+        if access is None:
+            access = http_permission(method, path)
+            if len(self._access_by_route) < _MAX_REMEMBERED_ROUTES:
+                self._access_by_route[key] = access
+        return access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.core.enabled or self.skip(scope["path"]):
@@ -126,6 +140,7 @@ class MeteringMiddleware:
             attrs[sc.SERVER_ADDRESS] = server[0]
             if server[1] is not None:
                 attrs[sc.SERVER_PORT] = server[1]
+        client = scope.get("client")
         try:
             call = self.core.start_call(
                 protocol="http",
@@ -134,6 +149,8 @@ class MeteringMiddleware:
                 carrier=carrier,
                 attributes=attrs,
                 may_bill=method not in _SAFE_METHODS,
+                access=self._access(method, path),
+                peer=client[0] if client else None,
             )
         except Exception as exc:  # fail closed: what cannot be metered is not served
             refusal = self.core.start_refusal(exc)

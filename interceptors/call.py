@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from auth import context as auth_context
+from auth.authenticator import MISSING_KEY_MESSAGE
 from exporters.usage_record import UsageRecord
 from interceptors.billing_policy import (
     LEDGER_FAILURE_MESSAGE,
@@ -40,6 +42,8 @@ from models.usage import RequestUsage
 from serving.errors import ServingError
 
 if TYPE_CHECKING:
+    from auth.authenticator import Admission
+    from auth.roles import Identity
     from exporters.ledger.base import BilledRecord
     from interceptors.core import MeteringCore
 
@@ -72,6 +76,10 @@ class MeteredCall:
         "start_attributes",
         "start_wall_ns",
         "ok",
+        "identity",
+        "auth_pending",
+        "auth_refusal",
+        "_auth_carrier",
         "_request_id",
         "_start_ns",
         "_finished",
@@ -101,6 +109,11 @@ class MeteredCall:
         self.start_attributes = start_attributes
         self.start_wall_ns = time.time_ns()
         self.ok = False
+        self.identity: Identity | None = None
+        # Set while the key may still come in the body (pipeline); cleared once admitted.
+        self.auth_pending: Admission | None = None
+        self.auth_refusal: ServingError | None = None
+        self._auth_carrier: tuple[Mapping[str, str], str | None] | None = None
         self._request_id: str | None = None
         self._start_ns = time.perf_counter_ns()
         self._finished = False
@@ -116,15 +129,52 @@ class MeteredCall:
         otel_token = otel_context.attach(trace.set_span_in_context(self.span))
         binding = usage_mod.bind_usage(self.usage)
         binding.__enter__()
-        self._tokens = (otel_token, binding)
+        identity = (
+            auth_context.bind_identity(self.identity) if self.identity is not None else None
+        )
+        self._tokens = (otel_token, binding, identity)
         return self.usage
 
     def __exit__(self, *exc_info: object) -> None:
         assert self._tokens is not None
-        otel_token, binding = self._tokens
+        otel_token, binding, identity = self._tokens
         self._tokens = None
+        if identity is not None:
+            auth_context.reset_identity(identity)
         binding.__exit__(None, None, None)
         otel_context.detach(otel_token)
+
+    @property
+    def api_key_id(self) -> str | None:
+        """The id of the key that made the call (never the key); None with auth off."""
+        identity = self.identity
+        return identity.key_id if identity is not None else None
+
+    def await_credential(
+        self, admission: Admission, carrier: Mapping[str, str], peer: str | None
+    ) -> None:
+        """Admitted pending: the frontend presents the body's key via
+        ``usage.credential_hook`` (:meth:`present_credential`) before any model work."""
+        self.auth_pending = admission
+        self._auth_carrier = (carrier, peer)
+        self.usage.credential_hook = self.present_credential
+
+    def present_credential(self, key: str | None) -> None:
+        """The key the request body carried (None: none). Admits the call (its tenant
+        becomes the key's) or raises the refusal, which is metered here and never billed."""
+        pending = self.auth_pending
+        self.usage.credential_hook = None
+        if pending is None or self.core.auth is None or self._auth_carrier is None:
+            return
+        carrier, peer = self._auth_carrier
+        try:
+            admission = self.core.auth.admit_body(pending, key, carrier, peer)
+        except ServingError as refusal:
+            self.auth_refusal = refusal
+            self.core.auth_refused(refusal, self.protocol, span=self.span)
+            raise
+        self.auth_pending = None
+        self.identity, self.tenant = admission.identity, admission.tenant
 
     @property
     def request_id(self) -> str:
@@ -174,7 +224,14 @@ class MeteredCall:
         final_status = "ok" if call_ok else (app_status if ok and app_status else status)
         attrs = dict(transport_attributes or {})
         refusal: ServingError | None = None
-        if self.billable():
+        if self.auth_pending is not None and self.auth_refusal is None and call_ok:
+            # Fail closed: a frontend answered without presenting the body's key.
+            refusal = ServingError("unauthenticated", MISSING_KEY_MESSAGE, reason="missing_key")
+            core.auth_refused(refusal, self.protocol, span=self.span)
+            final_status, key, value = refusal_status(self.protocol, refusal.kind)
+            attrs[key] = value
+            call_ok, error_message = False, refusal.message
+        elif self.auth_pending is None and self.billable():
             try:
                 record = build_record(
                     self,

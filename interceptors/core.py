@@ -29,14 +29,15 @@ import contextlib
 import logging
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from auth.roles import Permission
 from exporters import semconv as sc
 from exporters.ledger.base import ReportsHealth, UsageSink
 from exporters.otel import Telemetry
@@ -55,6 +56,9 @@ from models import usage as usage_mod
 from models.usage import RequestUsage
 from serving.errors import ServingError
 
+if TYPE_CHECKING:
+    from auth.authenticator import Authenticator
+
 __all__ = ["LEDGER_FAILURE_MESSAGE", "MeteredCall", "MeteringCore", "default_tenant_resolver"]
 
 log = logging.getLogger(__name__)
@@ -71,12 +75,26 @@ _CORE_OPTIONS = ("enabled", "record_content", "max_tenants_in_metrics", "max_rep
 _stage_hook_owner: MeteringCore | None = None
 
 
+def _parent(carrier: Mapping[str, str]) -> Context:
+    """The caller's W3C trace context and baggage; an empty context (a new trace) when
+    absent, malformed or over-long (never the ambient one)."""
+    parent = _NO_PARENT
+    traceparent = carrier.get("traceparent")
+    if traceparent is not None and len(traceparent) <= _MAX_PROPAGATION_HEADER:
+        parent = _TRACECONTEXT.extract(carrier)
+    baggage = carrier.get("baggage")
+    if baggage is not None and len(baggage) <= _MAX_PROPAGATION_HEADER:
+        parent = _BAGGAGE.extract(carrier, parent)
+    return parent
+
+
 def default_tenant_resolver(carrier: Mapping[str, str]) -> str:
     """Tenant from the ``x-tenant`` header/metadata, ``default`` when absent; a malformed
     one raises ServingError ``invalid_argument`` (interceptors/request_id.py).
 
-    The one place tenants are decided; the authentication work replaces this function
-    (pass ``tenant_resolver=`` to :class:`MeteringCore`; it may raise ServingError too).
+    The tenant while authentication is off (``auth.mode: off``); with keys the tenant is
+    the key's (auth/authenticator.py). Pass ``tenant_resolver=`` to :class:`MeteringCore`
+    to replace it; it may raise ServingError too.
     """
     return carried_tenant(carrier)
 
@@ -104,6 +122,7 @@ class MeteringCore:
         record_content: bool = False,
         tenant_cap: int = sc.DEFAULT_TENANT_CAP,
         max_replays: int = DEFAULT_MAX_REPLAYS,
+        authenticator: Authenticator | None = None,
     ) -> None:
         if enabled and telemetry is None:
             raise ValueError("an enabled MeteringCore needs a Telemetry (see setup_telemetry)")
@@ -116,6 +135,8 @@ class MeteringCore:
         self.record_content = record_content
         self.max_replays = max_replays
         self._resolve_tenant = tenant_resolver
+        # Only a ``required`` authenticator admits calls; ``off`` keeps the tenant resolver.
+        self.auth = authenticator if authenticator is not None and authenticator.required else None
         self.tenant_labels = TenantCap(tenant_cap)
         # Checked once here: isinstance against a runtime Protocol is slow per call.
         self._ledger_health = ledger if isinstance(ledger, ReportsHealth) else None
@@ -136,6 +157,7 @@ class MeteringCore:
         *,
         ledger: UsageSink | None = None,
         pricebook: Any | None = None,
+        authenticator: Authenticator | None = None,
     ) -> MeteringCore:
         """Build from the config file's ``metering`` block: ``enabled`` (bool; false is
         "metering off", for benchmarks), ``record_content`` (bool),
@@ -156,6 +178,7 @@ class MeteringCore:
             record_content=bool(values.get("record_content", False)),
             tenant_cap=int(values.get("max_tenants_in_metrics", sc.DEFAULT_TENANT_CAP)),
             max_replays=values.get("max_replays", DEFAULT_MAX_REPLAYS),
+            authenticator=authenticator,
         )
 
     def close(self) -> None:
@@ -183,20 +206,36 @@ class MeteringCore:
         attributes: Mapping[str, Any],
         operation: str | None = None,
         may_bill: bool = True,
+        access: tuple[Permission, bool] = (Permission.AUTHENTICATED, False),
+        peer: str | None = None,
     ) -> MeteredCall:
-        """Open the SERVER span (parent = the caller's W3C context) and the usage object.
+        """Admit the call, then open the SERVER span (parent = the caller's W3C context)
+        and the usage object.
 
-        ``carrier`` is the request's headers/metadata with lower-case keys. Raises
-        ServingError when the call must not be served (fail closed; nothing is opened):
-        ``invalid_argument`` for a malformed ``x-request-id`` / ``x-tenant``,
-        ``unavailable`` when the ledger can accept no records, unless the call cannot
-        bill: ``operation`` is never billed (health, metadata ...) or the transport says
-        ``may_bill=False`` (an HTTP GET), so health checks and reads stay answerable.
-        A malformed or over-long traceparent / baggage is ignored (a new trace), as W3C
-        Trace Context says.
+        ``carrier`` is the request's headers/metadata with lower-case keys; ``access`` the
+        endpoint's (permission, key may come in the body) from auth/roles.py; ``peer`` the
+        client's address. Raises ServingError when the call must not be served (fail
+        closed; nothing is opened): an authentication refusal (``unauthenticated`` /
+        ``permission_denied`` / ``rate_limited``, given its own short span and counted in
+        ``paddle_meter.auth.failures``), ``invalid_argument`` for a malformed
+        ``x-request-id`` / ``x-tenant``, ``unavailable`` when the ledger can accept no
+        records, unless the call cannot bill: ``operation`` is never billed (health,
+        metadata ...) or the transport says ``may_bill=False`` (an HTTP GET), so health
+        checks and reads stay answerable. A malformed or over-long traceparent / baggage
+        is ignored (a new trace), as W3C Trace Context says.
         """
+        admission = None
+        auth = self.auth
+        if auth is not None:
+            try:
+                admission = auth.admit(access[0], carrier, peer, body_credential=access[1])
+            except ServingError as refusal:
+                self.auth_refused(refusal, protocol, span_name, carrier, attributes)
+                raise
+            tenant = admission.tenant
+        else:
+            tenant = self._resolve_tenant(carrier)
         header_id = carried_request_id(carrier)
-        tenant = self._resolve_tenant(carrier)
         health = self._ledger_health
         if (
             health is not None
@@ -205,20 +244,12 @@ class MeteringCore:
             and not health.can_accept()
         ):
             raise ServingError("unavailable", LEDGER_CANNOT_ACCEPT_MESSAGE)
-        # No traceparent: a new trace (an explicit empty context, never the ambient one).
-        parent = _NO_PARENT
-        traceparent = carrier.get("traceparent")
-        if traceparent is not None and len(traceparent) <= _MAX_PROPAGATION_HEADER:
-            parent = _TRACECONTEXT.extract(carrier)
-        baggage = carrier.get("baggage")
-        if baggage is not None and len(baggage) <= _MAX_PROPAGATION_HEADER:
-            parent = _BAGGAGE.extract(carrier, parent)
         span = self.tracer.start_span(
-            span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes
+            span_name, context=_parent(carrier), kind=SpanKind.SERVER, attributes=attributes
         )
         usage = RequestUsage(operation=operation)
         usage.trace_link = span.get_span_context()
-        return MeteredCall(
+        call = MeteredCall(
             self,
             protocol,
             endpoint,
@@ -228,6 +259,47 @@ class MeteringCore:
             tenant,
             dict(attributes),  # a copy: transports may keep adding to theirs
         )
+        if admission is not None:
+            call.identity = admission.identity
+            if admission.pending:  # the pipeline presents its body's api_key (auth/)
+                call.await_credential(admission, carrier, peer)
+        return call
+
+    def auth_refused(
+        self,
+        refusal: ServingError,
+        protocol: str,
+        span_name: str | None = None,
+        carrier: Mapping[str, str] | None = None,
+        attributes: Mapping[str, Any] | None = None,
+        *,
+        span: trace.Span | None = None,
+    ) -> None:
+        """Meter an authentication refusal: counted by reason, and on ``span`` (else a
+        short SERVER span of its own). Never a ledger record: nothing is billed."""
+        reason = refusal.reason or refusal.kind
+        with contextlib.suppress(Exception):
+            self.instruments.auth_failures.add(
+                1, {sc.PADDLE_METER_AUTH_FAILURE: reason, sc.PADDLE_METER_PROTOCOL: protocol}
+            )
+        try:
+            own = span is None
+            if own:
+                span = self.tracer.start_span(
+                    span_name or "unauthenticated",
+                    context=_parent(carrier or {}),
+                    kind=SpanKind.SERVER,
+                    attributes=attributes,
+                )
+            assert span is not None
+            span.set_attributes(
+                {sc.PADDLE_METER_AUTH_FAILURE: reason, sc.ERROR_TYPE: refusal.kind}
+            )
+            span.set_status(Status(StatusCode.ERROR, refusal.message))
+            if own:
+                span.end()
+        except Exception as exc:
+            self.count_error("auth_span", exc)
 
     def start_refusal(self, exc: BaseException) -> ServingError:
         """What a transport answers when :meth:`start_call` raised ``exc``: the

@@ -35,6 +35,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from auth.roles import grpc_permission
+from auth.throttle import peer_host
 from exporters import semconv as sc
 from interceptors.billing_policy import rendered_by_frontend
 from interceptors.call import MeteredCall
@@ -168,6 +170,7 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
             sc.RPC_METHOD: name,
             **self._server_attrs,
         }
+        access = grpc_permission(method)  # once per method (auth/roles.py)
 
         def start(context: grpc.aio.ServicerContext) -> MeteredCall:
             return self._core.start_call(
@@ -177,6 +180,8 @@ class MeteringServerInterceptor(grpc.aio.ServerInterceptor):
                 carrier=_carrier(context.invocation_metadata()),
                 attributes=attrs,
                 operation=operation,
+                access=access,
+                peer=peer_host(context.peer()) if self._core.auth is not None else None,
             )
 
         serialize = handler.response_serializer or _identity

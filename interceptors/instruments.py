@@ -30,11 +30,13 @@ __all__ = [
 ]
 
 # Attribute names, in key-tuple order, of the request and token counters.
+# The API key id is absent (None, so no label) while authentication is off.
 REQUEST_KEYS = (
     sc.PADDLE_METER_PROTOCOL,
     sc.GEN_AI_REQUEST_MODEL,
     sc.GEN_AI_OPERATION_NAME,
     sc.PADDLE_METER_TENANT,
+    sc.PADDLE_METER_API_KEY_ID,
     sc.PADDLE_METER_STATUS,
 )
 TOKEN_KEYS = (
@@ -42,6 +44,7 @@ TOKEN_KEYS = (
     sc.GEN_AI_REQUEST_MODEL,
     sc.GEN_AI_OPERATION_NAME,
     sc.PADDLE_METER_TENANT,
+    sc.PADDLE_METER_API_KEY_ID,
     sc.GEN_AI_TOKEN_TYPE,
 )
 
@@ -152,6 +155,11 @@ class Instruments:
             sc.METRIC_METER_ERRORS,
             unit="{error}",
             description="Failures inside metering (the request itself was served)",
+        )
+        self.auth_failures = meter.create_counter(
+            sc.METRIC_AUTH_FAILURES,
+            unit="{attempt}",
+            description="Calls refused by authentication or authorization, by reason (never billed)",
         )
 
 

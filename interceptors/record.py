@@ -40,7 +40,7 @@ def build_record(
         ts=ts.isoformat(),
         duration_ms=round(duration_s * 1000.0, 3),
         tenant=call.tenant,
-        api_key_id=None,
+        api_key_id=call.api_key_id,
         model=usage.model or "",
         model_version=usage.model_version or "",
         operation=usage.operation or "",

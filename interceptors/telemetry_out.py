@@ -67,6 +67,8 @@ def _set_span(
         sc.PADDLE_METER_REQUEST_SIZE: request_bytes,
         sc.PADDLE_METER_RESPONSE_SIZE: response_bytes,
     }
+    if call.identity is not None:
+        attrs[sc.PADDLE_METER_API_KEY_ID] = call.identity.key_id
     if usage.model is not None:
         attrs[sc.GEN_AI_REQUEST_MODEL] = usage.model
         attrs[sc.GEN_AI_USAGE_INPUT_TOKENS] = usage.input_tokens
@@ -111,7 +113,7 @@ def _record_metrics(
     model_call = usage.model is not None
     billed_in, billed_out = billed_tokens(usage, ok)
     tenant_label = call.core.tenant_labels.label(call.tenant)
-    base_key = (call.protocol, usage.model, usage.operation, tenant_label)
+    base_key = (call.protocol, usage.model, usage.operation, tenant_label, call.api_key_id)
     ins.requests.add(1, (*base_key, status))
     if ok and model_call and call.replay is None:  # a replay was billed (and counted) before
         if billed_in:

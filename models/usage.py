@@ -54,6 +54,11 @@ class RequestUsage:
     # with a JSON body; gRPC: the response message, sent with status OK. None: the
     # transport answers with the kind's own gRPC code / HTTP status and {"error": message}.
     error_renderer: Callable[[str, str], Any] | None = None
+    # Set by the metering core while the call may still present its API key in the request
+    # body (Paddle Serving's PipelineClient cannot send headers): the frontend calls
+    # ``credential_hook(key_or_None)`` before any model work; it raises the refusal
+    # (a ServingError) or admits the call and clears itself. None: nothing to present.
+    credential_hook: Callable[[str | None], None] | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def add(

@@ -136,6 +136,10 @@ def _validate_auth(config: dict[str, Any]) -> None:
         raise ConfigError(f"auth.rotation_grace_s: expected a number >= 0, got {grace!r}")
     if not isinstance(auth["metrics_require_key"], bool):
         raise ConfigError("auth.metrics_require_key: expected true or false")
+    if mode == "required" and not config["metering"]["enabled"]:
+        raise ConfigError(
+            "auth.mode: required needs metering.enabled: true (metering admits each call)"
+        )
     tls = config["server"]["tls"]
     if bool(tls["cert_file"]) != bool(tls["key_file"]):
         raise ConfigError("server.tls: set both cert_file and key_file, or neither")

@@ -1,8 +1,10 @@
 """Assemble metering for a serving process from config: telemetry, ledger, prices, core.
 
 Returns the pieces the transports need (gRPC interceptors, an ASGI wrapper, extra HTTP
-routes: ``/metrics`` and ``/v1/usage``) and one ``shutdown`` that flushes them in order:
-the core first (no new records), then telemetry, then the ledger (everything durable).
+routes: ``/metrics``, ``/v1/usage`` and ``/v1/keys``) and one ``shutdown`` that flushes them
+in order: the core first (no new records), then telemetry, then the ledger (everything
+durable), then the key cache (its last-used times). The authenticator (auth/) is built
+first: with ``auth.mode: required`` a server that cannot read its keys does not start.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 
+from auth.api import make_keys_router
+from auth.authenticator import Authenticator
+from auth.roles import Permission
 from billing.pricing import PriceBook
 from billing.usage_api import make_usage_router
 from exporters.ledger import open_ledger
@@ -25,6 +30,7 @@ from exporters.ledger.reader import LedgerReader
 from exporters.otel import Telemetry, TelemetryConfig, setup_telemetry
 from interceptors import MeteringCore, MeteringMiddleware, MeteringServerInterceptor
 from serving.config import ledger_options, ledger_url, pricing_path
+from serving.errors import ServingError, http_headers, http_status
 
 __all__ = ["Metering", "build_metering"]
 
@@ -37,6 +43,7 @@ class Metering:
     grpc_interceptors: list[grpc.aio.ServerInterceptor]
     wrap_asgi: Callable[[Any], Any]
     http_routers: list[APIRouter]
+    authenticator: Authenticator | None = None
 
     def shutdown(self) -> None:
         """Flush and close everything; idempotent (each part is)."""
@@ -45,13 +52,29 @@ class Metering:
             self.telemetry.shutdown()
         if self.ledger is not None:
             self.ledger.shutdown()
+        if self.authenticator is not None:
+            self.authenticator.close()
 
 
-def _metrics_router(telemetry: Telemetry) -> APIRouter:
+def _metrics_router(telemetry: Telemetry, authenticator: Authenticator) -> APIRouter:
     router = APIRouter()
+    guarded = authenticator.metrics_require_key
 
     @router.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if guarded:  # auth.metrics_require_key: an auditor or admin key (never metered)
+            try:
+                authenticator.admit(
+                    Permission.READ_USAGE,
+                    {k.lower(): v for k, v in request.headers.items()},
+                    request.client.host if request.client else None,
+                )
+            except ServingError as refusal:
+                return JSONResponse(
+                    {"error": refusal.message},
+                    status_code=http_status(refusal.kind),
+                    headers=http_headers(refusal),
+                )
         body, content_type = await asyncio.to_thread(telemetry.render_metrics)
         return Response(body, media_type=content_type)
 
@@ -64,16 +87,25 @@ def build_metering(config: Mapping[str, Any], data_dir: Path) -> Metering:
     if not settings["enabled"]:
         core = MeteringCore.from_config(settings, None)
         return Metering(core, None, None, [], lambda app: app, [])
-    telemetry = setup_telemetry(TelemetryConfig.from_mapping(config["telemetry"]))
-    url = ledger_url(config)
-    ledger = open_ledger(url, **ledger_options(config, data_dir))
+    authenticator = Authenticator.from_config(config, data_dir)
+    try:
+        telemetry = setup_telemetry(TelemetryConfig.from_mapping(config["telemetry"]))
+        url = ledger_url(config)
+        ledger = open_ledger(url, **ledger_options(config, data_dir))
+    except BaseException:
+        authenticator.close()
+        raise
     prices = PriceBook.load(pricing_path(config))
-    core = MeteringCore.from_config(settings, telemetry, ledger=ledger, pricebook=prices)
-    routers = []
+    core = MeteringCore.from_config(
+        settings, telemetry, ledger=ledger, pricebook=prices, authenticator=authenticator
+    )
+    routers = [make_keys_router(authenticator)]
     if telemetry.config.prometheus:
-        routers.append(_metrics_router(telemetry))
+        routers.append(_metrics_router(telemetry, authenticator))
     if not url.startswith("jsonl://"):
-        routers.append(make_usage_router(functools.cache(lambda: LedgerReader(url))))
+        routers.append(
+            make_usage_router(functools.cache(lambda: LedgerReader(url)), authenticator)
+        )
     return Metering(
         core,
         telemetry,
@@ -81,4 +113,5 @@ def build_metering(config: Mapping[str, Any], data_dir: Path) -> Metering:
         [MeteringServerInterceptor(core)],
         lambda app: MeteringMiddleware(app, core),
         routers,
+        authenticator,
     )

@@ -2,7 +2,9 @@
 
 Request.name picks the model (empty: the first configured one, as a one-service Paddle
 Serving server accepts an empty name); key/value pairs (or tensors with ``str_data`` /
-``byte_data``) carry the inputs. Failures are answered the Paddle Serving way, with the
+``byte_data``) carry the inputs, and may carry the API key as the feed key ``api_key``
+(Paddle Serving's PipelineClient cannot send headers): it is removed before anything else
+sees the fields and handed to the metering core (``usage.credential_hook``). Failures are answered the Paddle Serving way, with the
 transport saying OK and ``err_no`` / ``err_msg`` set, so its clients' error checks work
 unchanged. The transports (serving/pipeline_grpc.py, serving/http_app.py) only parse their
 wire form, call :func:`answer_pipeline` and frame the :class:`PipelineReply`; each also
@@ -22,6 +24,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from auth.authenticator import PIPELINE_KEY_FIELD
 from models.usage import current_usage
 from serving.dispatch import run_model, tokenize
 from serving.errors import ServingError, as_serving_error, log_internal, pipeline_err_no
@@ -97,6 +100,24 @@ async def _serve(
     return PipelineReply(0, "", list(out), list(out.values()))
 
 
+def _present_key(key: str | None) -> None:
+    """Hand the feed key ``api_key`` to the metering core when it waits for one (the
+    PipelineClient cannot send headers); raises its refusal (ServingError)."""
+    usage = current_usage()
+    if usage is not None and usage.credential_hook is not None:
+        usage.credential_hook(key)
+
+
+def _unauthenticated_first(error: ServingError) -> ServingError:
+    """A request that failed before presenting its key (bad key/value lists) is answered
+    as unauthenticated when it had no key: a caller without one learns nothing more."""
+    try:
+        _present_key(None)
+    except ServingError as refusal:
+        return refusal
+    return error
+
+
 async def answer_pipeline(
     host: ModelHost,
     name: str,
@@ -117,9 +138,11 @@ async def answer_pipeline(
     model_name = name or host.default_name() or ""
     try:
         fields = _fields(keys, values, tensors)
+        # Removed whatever the auth mode: the model never sees a key, nor does the ledger.
+        _present_key(fields.pop(PIPELINE_KEY_FIELD, None))
         return await _serve(host, model_name, method, fields, logid)
     except Exception as exc:
-        error = as_serving_error(exc)
+        error = _unauthenticated_first(as_serving_error(exc))
         if error.kind == "internal":
             log_internal(exc, caller_request_id, surface="pipeline", model=model_name)
         return _failure(error, model_name if model_name in host.names() else None)
