@@ -146,6 +146,13 @@ class OtlpSink:
             self._metrics.clear()
             self._logs.clear()
 
+    def received_bytes(self) -> bytes:
+        """Everything received so far, as serialized OTLP requests: to search for text
+        that must never be exported (a secret), whatever field it would hide in."""
+        with self._cond:
+            requests = [*self._traces, *self._metrics, *self._logs]
+        return b"".join(request.SerializeToString() for request in requests)
+
     # traces ----------------------------------------------------------------
     def spans(self) -> list[dict[str, Any]]:
         """Every span received, flattened, in arrival order.

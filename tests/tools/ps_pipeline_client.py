@@ -16,6 +16,11 @@ sent through its generated stub), which is how a name mismatch is exercised.
 HTTP mode does what the example's pipeline_http_client.py does: POST
 ``{"key": ["image"], "value": [base64]}`` as JSON to ``http://addr/{name}/prediction``.
 
+``--api-key-env NAME`` sends the API key held in the environment variable NAME the only
+way this client can: as the feed key ``api_key`` next to ``image`` (gRPC: in
+``feed_dict``; HTTP: in the key/value lists). It is read from the environment so that it
+never shows in a process listing.
+
 Stdout carries exactly one line, {"err_no", "err_msg", "key", "value"};
 the client library's own chatter goes to stderr. Exit status 0 whenever a
 response arrived (whatever its err_no), 2 on a transport failure.
@@ -44,6 +49,10 @@ def _parse_args(argv):
         action="store_true",
         help="gRPC only: also send --name in Request.name (the stock client leaves it empty)",
     )
+    parser.add_argument(
+        "--api-key-env", default=None, metavar="NAME",
+        help="send the API key in this environment variable as the feed key api_key",
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     return parser.parse_args(argv)
 
@@ -52,6 +61,14 @@ def _image_base64(path):
     # Same as the example's cv2_to_base64(): base64 of the raw file bytes.
     with open(path, "rb") as handle:
         return base64.b64encode(handle.read()).decode("utf8")
+
+
+def _feed(args, image):
+    """The feed dict: the image, and the API key when asked for."""
+    feed = {"image": image}
+    if args.api_key_env:
+        feed["api_key"] = os.environ[args.api_key_env]
+    return feed
 
 
 def _call_grpc(args, image):
@@ -71,13 +88,13 @@ def _call_grpc(args, image):
     try:
         if args.rpc_set_name:
             request = client._pack_request_package(
-                {"image": image}, pack_tensor_format=False, use_tensor_bytes=False, profile=False
+                _feed(args, image), pack_tensor_format=False, use_tensor_bytes=False, profile=False
             )
             request.logid = log_id
             request.name = args.name
             response = client._stub.inference(request, timeout=args.timeout)
         else:
-            response = client.predict(feed_dict={"image": image}, fetch=["res"], log_id=log_id)
+            response = client.predict(feed_dict=_feed(args, image), fetch=["res"], log_id=log_id)
     except grpc.RpcError as exc:
         raise _TransportError(f"grpc {exc.code()}: {exc.details()}") from exc
     return {
@@ -92,7 +109,8 @@ def _call_http(args, image):
     import requests
 
     url = f"http://{args.addr}/{args.name}/prediction"
-    data = {"key": ["image"], "value": [image]}
+    feed = _feed(args, image)
+    data = {"key": list(feed), "value": list(feed.values())}
     if args.logid is not None:
         data["logid"] = args.logid
     try:
