@@ -29,6 +29,7 @@ import dataclasses
 import datetime as dt
 import hmac
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -155,9 +156,9 @@ class Authenticator:
         self._carried_tenant = carried_tenant
         if self.required:
             from auth.cache import KeyStoreUnavailable
-            from auth.keys import digest_key, split_key
+            from auth.keys import KeyDigester, split_key
 
-            self._split_key, self._digest_key = split_key, digest_key
+            self._split_key, self._digest_key = split_key, KeyDigester(self._secret)
             self._store_down: type[Exception] = KeyStoreUnavailable
 
     @classmethod
@@ -260,8 +261,8 @@ class Authenticator:
         prepared = self._prepared.get(key_id)
         if prepared is None or prepared.row is not row:
             prepared = self._prepared[key_id] = _prepare(row)
-        digest = self._digest_key(self._secret, key)
-        now = dt.datetime.now(dt.timezone.utc).timestamp()
+        digest = self._digest_key(key)
+        now = time.time()
         # Both comparisons always run: the time taken does not say which one matched.
         current = hmac.compare_digest(digest, prepared.digest)
         previous = hmac.compare_digest(digest, prepared.previous_digest or "")
@@ -304,6 +305,9 @@ class Authenticator:
     def _header_key(self, carrier: Mapping[str, str], peer: str | None) -> str | None:
         authorization = carrier.get("authorization")
         if authorization is not None:
+            value = authorization[7:]
+            if authorization.startswith("Bearer ") and value and value.strip() == value:
+                return value  # the usual form, without partitioning and stripping
             scheme, _, value = authorization.strip().partition(" ")
             if scheme.lower() != "bearer" or not value.strip():
                 self._fail(peer, "malformed_key", _BAD_SCHEME)

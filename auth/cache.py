@@ -146,9 +146,9 @@ class KeyCache:
 
     def note_used(self, key_id: str) -> None:
         """Remember that ``key_id`` was used now (written by the next tick; no I/O)."""
-        t = time.time()
-        with self._lock:
-            self._used[key_id] = t
+        # One dict store, atomic under the GIL, no lock: a store racing the tick's swap of
+        # the dict is at worst a last-use time written one tick later (by the next call).
+        self._used[key_id] = time.time()
 
     def _flush(self) -> None:
         with self._lock:

@@ -148,10 +148,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
         )
     finally:
         store.close()
-    if args.json:
-        print(json.dumps({"id": record.key_id, "key": key, **record.public()}))
-    else:
-        print(key)
+    _print_key(args, record, key)
     until = f", works through {expires.isoformat()} (UTC)" if expires else ""
     print(
         f"created key {record.key_id} for tenant {record.tenant} (role {record.role}){until}; "
@@ -219,16 +216,21 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_key(args: argparse.Namespace, record: Any, key: str) -> None:
+    """The new key on stdout, alone (or with its listing as one JSON object): once."""
+    if args.json:
+        print(json.dumps({"id": record.key_id, "key": key, **record.public()}))
+    else:
+        print(key)
+
+
 def _cmd_rotate(args: argparse.Namespace) -> int:
     store = _store(args, create_secret=False)
     try:
         record, key = store.rotate(args.key_id, grace_s=args.grace, actor=_actor())
     finally:
         store.close()
-    if args.json:
-        print(json.dumps({"id": record.key_id, "key": key, **record.public()}))
-    else:
-        print(key)
+    _print_key(args, record, key)
     old = (
         f"the old key works until {_short(record.previous_valid_until, seconds=True)}"
         if args.grace > 0

@@ -39,6 +39,7 @@ __all__ = [
     "KeyStore",
     "SecretMismatch",
     "check_key_fields",
+    "KeyDigester",
     "digest_key",
     "split_key",
 ]
@@ -133,7 +134,31 @@ def split_key(presented: str) -> str | None:
 
 def digest_key(secret: bytes, presented: str) -> str:
     """HMAC-SHA256 of the whole presented key under the server secret (hex)."""
-    return hmac.new(secret, presented.encode("utf-8", "surrogateescape"), sha256).hexdigest()
+    return hmac.digest(secret, presented.encode("utf-8", "surrogateescape"), "sha256").hex()
+
+
+class KeyDigester:
+    """:func:`digest_key` for one secret, for the per-call check: HMAC (RFC 2104) with the
+    secret's inner and outer SHA-256 states computed once, so a call costs two state
+    copies and two short hashes (about 1 us here, against 3 us for ``hmac.digest``, whose
+    OpenSSL context is built afresh each time). Same result as :func:`digest_key`."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, secret: bytes) -> None:
+        block = sha256().block_size
+        if len(secret) > block:
+            secret = sha256(secret).digest()
+        padded = secret.ljust(block, b"\0")
+        self._inner = sha256(bytes(b ^ 0x36 for b in padded))
+        self._outer = sha256(bytes(b ^ 0x5C for b in padded))
+
+    def __call__(self, presented: str) -> str:
+        inner = self._inner.copy()
+        inner.update(presented.encode("utf-8", "surrogateescape"))
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
 
 
 def check_key_fields(tenant: str, role: str, name: str | None = None) -> None:

@@ -71,7 +71,7 @@ class FailureThrottle:
 
     def retry_after(self, peer: str | None) -> float | None:
         """None when ``peer`` may try; else seconds until its window has room again."""
-        if self._max == 0:
+        if self._max == 0 or not self._peers:  # no recent failures: the per-call case
             return None
         host = peer_host(peer)
         with self._lock:

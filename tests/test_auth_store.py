@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
+import hmac
 import os
 import secrets
 import sqlite3
@@ -28,7 +30,7 @@ from support.pg import admin_connection, temporary_database
 import auth.cache as cache_mod
 import auth.keys as keys_mod
 from auth.cache import KeyCache, KeyStoreUnavailable
-from auth.keys import KeyStore, SecretMismatch, digest_key, split_key
+from auth.keys import KeyDigester, KeyStore, SecretMismatch, digest_key, split_key
 from auth.secret import SECRET_ENV, load_server_secret
 from auth.throttle import FailureThrottle, peer_host
 from exporters.ledger.schema import SCHEMA_VERSION
@@ -716,3 +718,13 @@ def test_throttle_threads():
         t.join()
     assert len(th) == 56
     assert all(th.retry_after(f"10.1.{n}.{i}") is not None for n in range(8) for i in range(7))
+
+
+@pytest.mark.parametrize("secret_bytes", [0, 1, 32, 63, 64, 65, 200])
+def test_the_per_call_digester_equals_hmac_sha256(secret_bytes):
+    secret = secrets.token_bytes(secret_bytes)
+    digester = KeyDigester(secret)
+    for presented in ("pmk_abcdefghijkl_" + "x" * 43, "", "ключ\udcff", "k" * 500):
+        assert digester(presented) == digest_key(secret, presented)
+        assert digester(presented) == hmac.new(
+            secret, presented.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()

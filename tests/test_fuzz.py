@@ -489,7 +489,8 @@ def test_openapi_operations_with_corpus_bodies(server, http, channel):
     failures = []
     for operation in posts:
         for model in ("ocr", "ernie"):
-            params = {"name": model, "version": "1", "method": "prediction"}
+            params = {"name": model, "version": "1", "method": "prediction",
+                      "key_id": "nosuchkey000"}
             wanted = {p: params[p] for p in re.findall(r"{(\w+)}", operation.path)}
             for name, body in bodies.items():
                 case = operation.Case(

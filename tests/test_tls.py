@@ -60,33 +60,13 @@ class TlsServerProcess(ServerProcess):
             context.load_cert_chain(self.ca.client_cert, self.ca.client_key)
         return context
 
-    def start(self, timeout_s: float = 180.0) -> TlsServerProcess:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config_path = self.workdir / "config.yaml"
-        config_path.write_text(yaml.safe_dump(self.config), encoding="utf-8")
-        exe = Path(sys.executable).with_name("paddle-meter")
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [str(exe), "serve", "--config", str(config_path)],
-            cwd=self.workdir,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+    def is_ready(self) -> bool:
         context = self.client_context(with_cert=self.mutual)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.proc.returncode}:\n{self.logs()[-4000:]}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                reply = httpx.get(f"{self.http_url}/v2/health/ready", verify=context, timeout=1)
-                if reply.status_code == 200:
-                    return self
-            time.sleep(0.2)
-        self.stop(check=False)
-        raise TimeoutError(f"server not ready in {timeout_s}s:\n{self.logs()[-4000:]}")
+        try:
+            reply = httpx.get(f"{self.http_url}/v2/health/ready", verify=context, timeout=1)
+        except httpx.HTTPError:
+            return False
+        return reply.status_code == 200
 
 
 def _tls_block(ca: TestCa, *, mutual: bool) -> dict:
