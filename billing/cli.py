@@ -31,17 +31,19 @@ def _common(p: argparse.ArgumentParser, *, period_required: bool = True) -> None
         "--from",
         dest="start",
         required=period_required,
-        help="UTC start, YYYY-MM-DD or ISO-8601 (inclusive)",
+        help="start, YYYY-MM-DD or ISO-8601 (inclusive); UTC (report: in --tz)",
     )
     p.add_argument(
         "--to",
         dest="end",
         required=period_required,
-        help="UTC end (exclusive; a bare date includes that day)",
+        help="end (exclusive; a bare date includes that day); UTC (report: in --tz)",
     )
 
 
-def add_subcommands(subparsers: Any, *, default_ledger: str | None = None) -> None:
+def add_subcommands(
+    subparsers: Any, *, default_ledger: str | None = None, default_timezone: str = "UTC"
+) -> None:
     """Register ``bill export``, ``bill reprice`` and ``report`` on an argparse subparsers."""
     bill = subparsers.add_parser("bill", help="bill exports and repricing")
     bill_sub = bill.add_subparsers(dest="bill_command", required=True)
@@ -68,6 +70,12 @@ def add_subcommands(subparsers: Any, *, default_ledger: str | None = None) -> No
     report = subparsers.add_parser("report", help="usage and cost report")
     _common(report)
     report.add_argument("--period", choices=("day", "week", "month"), default="day")
+    report.add_argument(
+        "--tz",
+        default=default_timezone,
+        help="time zone of the periods and of bare --from/--to dates (IANA name; default "
+        f"billing.timezone: {default_timezone})",
+    )
     report.add_argument(
         "--by",
         default="tenant,model",
@@ -165,6 +173,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         tenant=args.tenant,
         model=args.model,
         source=args.source,
+        tz=args.tz,
     )
     write_report(rows, by, args.format, args.output)
     if args.chart:

@@ -66,7 +66,7 @@ FORMATS = ("table", "csv", "xlsx", "json")
 def report_columns(rows: Sequence[dict[str, Any]], by: Sequence[str]) -> list[str]:
     from billing.report import METRICS
 
-    return ["period", *by, *METRICS]
+    return ["period", "timezone", *by, *METRICS]
 
 
 def _plain(value: Any) -> Any:

@@ -1,10 +1,13 @@
 """Usage reports: per period (day / week / month) and per tenant / model / operation.
 
 Two sources give identical figures: the per-minute rollups (fast: a year is at most
-525,600 buckets per key) and the raw records (the check). Both are grouped by UTC day in
-SQL; days are then folded into ISO weeks (starting Monday) or calendar months here.
-Bounds are UTC and cut at whole minutes (the rollup resolution); ``end`` is exclusive,
-except that a bare date as ``end`` includes that whole day.
+525,600 buckets per key) and the raw records (the check). Periods are days of the report's
+time zone (``billing.timezone``, or ``tz``; billing/periods.py): SQL groups by UTC day,
+hour or minute, whichever bucket never straddles a local midnight, and the buckets are
+folded here into local days, ISO weeks (starting Monday) or calendar months. Bounds are
+read in that zone (a bare date is local midnight) and cut at whole minutes (the rollup
+resolution); ``end`` is exclusive, except that a bare date as ``end`` includes that day.
+Every row says its zone (``timezone``).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from collections.abc import Sequence
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+from billing.periods import bucket_chars, bucket_local_day, load_zone, utc_minute_key
 from billing.pricing import COST_QUANTUM, round_bill
 from exporters.ledger.reader import LedgerReader
-from exporters.ledger.schema import normalize_ts
 
 __all__ = ["DIMENSIONS", "METRICS", "PERIODS", "build_report", "parse_bound", "period_start"]
 
@@ -48,20 +51,9 @@ _MICRO = Decimal("0.000001")
 
 
 def parse_bound(text: str, *, end: bool = False) -> str:
-    """Minute key 'YYYY-MM-DDTHH:MM' (UTC) of a bound; a bare-date ``end`` is the next day.
-
-    Raises ValueError for anything that is not an ISO-8601 date or timestamp.
-    """
-    text = str(text).strip()
-    try:
-        if len(text) == 10:
-            day = _dt.date.fromisoformat(text)
-            if end:
-                day += _dt.timedelta(days=1)
-            return day.isoformat() + "T00:00"
-        return normalize_ts(text)[:16]
-    except ValueError as exc:
-        raise ValueError(f"bad date/time {text!r}: use YYYY-MM-DD or ISO-8601") from exc
+    """Minute key 'YYYY-MM-DDTHH:MM' (UTC) of a UTC bound; a bare-date ``end`` is the next
+    day. Raises ValueError for anything that is not an ISO-8601 date or timestamp."""
+    return utc_minute_key(text, load_zone("UTC"), end=end)
 
 
 def period_start(day: str, period: str) -> _dt.date:
@@ -87,7 +79,9 @@ def parse_by(by: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _daily_sql(source: str, by: tuple[str, ...], tenant: str | None, model: str | None) -> str:
+def _bucket_sql(
+    source: str, by: tuple[str, ...], tenant: str | None, model: str | None, chars: int
+) -> str:
     if source == "rollup":
         table, tcol = "usage_rollup_minute", "minute"
         sums = (
@@ -104,7 +98,7 @@ def _daily_sql(source: str, by: tuple[str, ...], tenant: str | None, model: str 
         )
     else:
         raise ValueError(f"source must be 'rollup' or 'raw', not {source!r}")
-    day = f"substr({tcol}, 1, 10)"
+    day = f"substr({tcol}, 1, {int(chars)})"
     where = [f"{tcol} >= ?", f"{tcol} < ?"]
     if tenant is not None:
         where.append("tenant = ?")
@@ -127,25 +121,31 @@ def build_report(
     tenant: str | None = None,
     model: str | None = None,
     source: str = "rollup",
+    tz: str | None = None,
 ) -> list[dict[str, Any]]:
     """Report rows sorted by period then dimensions. Blocks on the database.
 
-    Each row: ``period`` (date of the period's first day), the ``by`` dimensions, then
+    Each row: ``period`` (local date of the period's first day), ``timezone`` (the zone's
+    IANA name: ``tz``, default UTC), the ``by`` dimensions, then
     METRICS: integer counts, ``cost`` (Decimal, 0.01), ``tokens_per_request`` ((input +
     output) / requests, Decimal 0.01), ``cost_per_request`` (Decimal, 6 places).
-    Raises ValueError for bad bounds, period or dimensions.
+    Raises ValueError for bad bounds, period, zone or dimensions.
     """
+    zone = load_zone(tz)
     dims = parse_by(by)
     if period not in PERIODS:
         raise ValueError(f"period must be one of {PERIODS}, not {period!r}")
-    lo, hi = parse_bound(start), parse_bound(end, end=True)
+    lo, hi = utc_minute_key(start, zone), utc_minute_key(end, zone, end=True)
     if hi <= lo:
         raise ValueError(f"empty period: from {start!r} is not before to {end!r}")
     params: list[Any] = [lo, hi]
     params += [v for v in (tenant, model) if v is not None]
     acc: dict[tuple[Any, ...], list[int]] = {}
-    for row in reader.fetch_all(_daily_sql(source, dims, tenant, model), tuple(params)):
-        key = (period_start(row[0], period), *row[1 : 1 + len(dims)])
+    chars = bucket_chars(zone, lo, hi)
+    sql = _bucket_sql(source, dims, tenant, model, chars)
+    for row in reader.fetch_all(sql, tuple(params)):
+        day = bucket_local_day(row[0], zone)
+        key = (period_start(day.isoformat(), period), *row[1 : 1 + len(dims)])
         slot = acc.setdefault(key, [0] * len(_SUMS))
         for i, value in enumerate(row[1 + len(dims) :]):
             slot[i] += int(value or 0)
@@ -154,7 +154,8 @@ def build_report(
         sums = dict(zip(_SUMS, acc[key], strict=True))
         exact_cost = Decimal(sums.pop("cost_micros")) * _MICRO
         n = sums["requests"]
-        row: dict[str, Any] = {"period": key[0], **dict(zip(dims, key[1:], strict=True))}
+        row: dict[str, Any] = {"period": key[0], "timezone": zone.key,
+                               **dict(zip(dims, key[1:], strict=True))}
         row.update(sums)
         row["cost"] = round_bill(exact_cost)
         row["tokens_per_request"] = (

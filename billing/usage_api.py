@@ -23,6 +23,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from auth.context import current_identity
 from auth.roles import Permission
 from billing.output import report_to_json
+from billing.periods import load_zone
 from billing.report import build_report, parse_by
 from exporters.ledger.reader import LedgerReader
 
@@ -42,9 +43,13 @@ def is_loopback(host: str | None) -> bool:
 
 
 def make_usage_router(
-    get_ledger_reader: Callable[[], LedgerReader], authenticator: Authenticator | None = None
+    get_ledger_reader: Callable[[], LedgerReader],
+    authenticator: Authenticator | None = None,
+    *,
+    timezone: str = "UTC",
 ) -> APIRouter:
-    """Router with ``GET /v1/usage?from=&to=&by=&tenant=&model=&period=``."""
+    """Router with ``GET /v1/usage?from=&to=&by=&tenant=&model=&period=&tz=``; periods are
+    days of ``tz``, default ``timezone`` (``billing.timezone``)."""
     router = APIRouter()
     keyed = authenticator is not None and authenticator.required
 
@@ -74,17 +79,20 @@ def make_usage_router(
         tenant: str | None = Query(None),
         model: str | None = Query(None),
         period: str = Query("day"),
+        tz: str | None = Query(None, description="IANA time zone of the periods"),
     ) -> dict[str, Any]:
         tenant = readable_tenant(request, tenant)
+        zone = tz or timezone
         try:
             dims = parse_by(by)
             rows = await asyncio.to_thread(
                 lambda: build_report(get_ledger_reader(), start=start, end=end, period=period,
-                                     by=dims, tenant=tenant, model=model)
+                                     by=dims, tenant=tenant, model=model, tz=zone)
             )
         except ValueError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from exc
-        return {"from": start, "to": end, "period": period, "by": list(dims),
+        return {"from": start, "to": end, "period": period, "timezone": load_zone(zone).key,
+                "by": list(dims),
                 "rows": report_to_json(rows)}
 
     return router

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Bills and reports read the ledger the server writes: the one of the effective config
     # ($PADDLE_METER_CONFIG merged over the default), unless --ledger names another.
     config = load_config(os.environ.get("PADDLE_METER_CONFIG"))
-    add_subcommands(sub, default_ledger=ledger_url(config))
+    add_subcommands(sub, default_ledger=ledger_url(config),
+                    default_timezone=config["billing"]["timezone"])
     add_key_subcommands(sub, config=config)
     parser.set_defaults(pricing=str(pricing_path(config)))
     return parser

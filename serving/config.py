@@ -168,7 +168,17 @@ def load_config(
     _validate_headers(config["telemetry"]["otlp_headers"] or {})
     _validate_ints(config)
     _validate_auth(config)
+    _validate_billing(config)
     return config
+
+
+def _validate_billing(config: dict[str, Any]) -> None:
+    from billing.periods import load_zone
+
+    try:
+        config["billing"]["timezone"] = load_zone(config["billing"]["timezone"]).key
+    except ValueError as exc:
+        raise ConfigError(f"billing.timezone: {exc}") from exc
 
 
 def ledger_url(config: Mapping[str, Any]) -> str:

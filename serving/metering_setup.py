@@ -104,7 +104,8 @@ def build_metering(config: Mapping[str, Any], data_dir: Path) -> Metering:
         routers.append(_metrics_router(telemetry, authenticator))
     if not url.startswith("jsonl://"):
         routers.append(
-            make_usage_router(functools.cache(lambda: LedgerReader(url)), authenticator)
+            make_usage_router(functools.cache(lambda: LedgerReader(url)), authenticator,
+                              timezone=config["billing"]["timezone"])
         )
     return Metering(
         core,

@@ -67,7 +67,7 @@ MONTH = [
 def _expected(table, dims):
     out = []
     for row in table:
-        d = {"period": dt.date.fromisoformat(row[0])}
+        d = {"period": dt.date.fromisoformat(row[0]), "timezone": "UTC"}
         d.update(zip(dims, row[1:1 + len(dims)], strict=True))
         for name, value in zip(NAMES, row[1 + len(dims):], strict=True):
             d[name] = D(value) if isinstance(value, str) else value
@@ -119,7 +119,7 @@ def test_report_formats_table_csv_json_xlsx(ledger, tmp_path, capsys):
     args = ["report", "--ledger", ledger, "--from", "2026-03-01", "--to", "2026-03-31"]
     assert cli_main(args + ["--format", "json", "-o", str(tmp_path / "r.json")]) == 0
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert rows[4] == {"period": "2026-03-02", "tenant": "beta", "model": "ocr",
+    assert rows[4] == {"period": "2026-03-02", "timezone": "UTC", "tenant": "beta", "model": "ocr",
                        "requests": 2, "errors": 0, "input_tokens": 0, "output_tokens": 4000,
                        "characters": 4000, "images": 2, "billable_tokens": 4000,
                        "cost": "0.10", "tokens_per_request": "2000.00",
@@ -129,19 +129,21 @@ def test_report_formats_table_csv_json_xlsx(ledger, tmp_path, capsys):
     assert raw.startswith(b"\xef\xbb\xbf")  # BOM: Excel opens it as UTF-8
     with open(tmp_path / "r.csv", encoding="utf-8-sig", newline="") as fh:
         table = list(csv.reader(fh))
-    assert table[0] == ["period", "tenant", "model", *NAMES]
-    assert [tuple(r) for r in table[1:]] == [tuple(str(v) for v in r) for r in DAY]
+    assert table[0] == ["period", "timezone", "tenant", "model", *NAMES]
+    assert [tuple(r) for r in table[1:]] == [
+        tuple(str(v) for v in (r[0], "UTC", *r[1:])) for r in DAY]
     assert cli_main(args + ["--format", "xlsx", "-o", str(tmp_path / "r.xlsx"),
                             "--chart", str(tmp_path / "c.png")]) == 0
     ws = openpyxl.load_workbook(tmp_path / "r.xlsx").active
     cells = list(ws.iter_rows(values_only=True))
     assert cells[1][0] == dt.datetime(2026, 3, 1)  # a real date, not text
-    assert cells[2][3:] == (2, 0, 0, 1500, 1500, 2, 1500, 0.03, 750.0, 0.016)
+    assert cells[2][1] == "UTC"
+    assert cells[2][4:] == (2, 0, 0, 1500, 1500, 2, 1500, 0.03, 750.0, 0.016)
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli_main(args + ["--format", "table", "--by", "tenant", "--period", "month"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["period", "tenant", *NAMES]
-    assert out[2].split() == ["2026-03-01", "acme", "5", "0", "1500", "1833", "1833", "3",
+    assert out[0].split() == ["period", "timezone", "tenant", *NAMES]
+    assert out[2].split() == ["2026-03-01", "UTC", "acme", "5", "0", "1500", "1833", "1833", "3",
                               "3333", "0.05", "666.60", "0.009798"]
 
 
