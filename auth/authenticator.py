@@ -150,6 +150,11 @@ class Authenticator:
         self._secret = secret or b""
         self._throttle = throttle
         self._prepared: dict[str, _Prepared] = {}
+        # Keys this worker verified (constant-time HMAC check), so a warm call is a dict
+        # read: an entry is used only while the cache holds the very row it was checked
+        # against, so a revocation or rotation anywhere ends it within the cache's ttl.
+        # Held in this process's memory only, like the request that carried the key.
+        self._verified: dict[str, tuple[_Prepared, bool]] = {}
         # Imported here: interceptors/ imports this module's messages at its own import.
         from interceptors.request_id import carried_tenant
 
@@ -249,6 +254,12 @@ class Authenticator:
             )
         if key is None:
             self._fail(peer, "missing_key", MISSING_KEY_MESSAGE)
+        verified = self._verified.get(key)
+        if verified is not None:
+            identity = self._still_valid(verified)
+            if identity is not None:
+                return identity
+            self._verified.pop(key, None)
         key_id = self._split_key(key)
         if key_id is None:
             self._fail(peer, "malformed_key", _MALFORMED)
@@ -282,6 +293,29 @@ class Authenticator:
                 f"this API key expired at {_minute_utc(prepared.expires_text)}; ask an"
                 " administrator for a new one",
             )
+        self.cache.note_used(key_id)
+        if len(self._verified) >= _MAX_VERIFIED:
+            self._verified.clear()
+        self._verified[key] = (prepared, not current)
+        return prepared.identity
+
+    def _still_valid(self, verified: tuple[_Prepared, bool]) -> Identity | None:
+        """The identity of a key this worker verified before, if nothing has changed since:
+        the cache still holds the same row (a revocation or rotation replaces it), it has
+        not expired, and a key admitted by its previous secret is still in its grace."""
+        prepared, by_previous = verified
+        key_id = prepared.identity.key_id
+        try:
+            row = self.cache.lookup(key_id)
+        except self._store_down as exc:
+            raise ServingError("unavailable", _STORE_DOWN, reason="store_unavailable") from exc
+        if row is not prepared.row or prepared.revoked_at is not None:
+            return None
+        now = time.time()
+        if (prepared.expires_at is not None and now >= prepared.expires_at) or (
+            by_previous and now >= prepared.previous_until
+        ):
+            return None
         self.cache.note_used(key_id)
         return prepared.identity
 
@@ -318,6 +352,9 @@ class Authenticator:
     def _fail(self, peer: str | None, reason: str, message: str) -> NoReturn:
         self._throttle.failed(peer)
         raise ServingError("unauthenticated", message, reason=reason)
+
+
+_MAX_VERIFIED = 4096
 
 
 def _prepare(row: Any) -> _Prepared:

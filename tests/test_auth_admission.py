@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -271,3 +272,24 @@ def test_from_config_creates_the_secret_file_0600(tmp_path, monkeypatch):
         assert auth.admit(Permission.CALL_MODEL, _bearer(key), PEER).identity.key_id == record.key_id
     finally:
         auth.close()
+
+
+def test_a_verified_key_is_remembered_only_while_its_row_is_unchanged(auth, store):
+    record, key = store.create(tenant="finance", role="caller")
+    auth.cache.refresh()
+    for _ in range(3):  # the second and third are answered from the verified-key memo
+        assert auth.admit(Permission.CALL_MODEL, _bearer(key), PEER).tenant == "finance"
+    assert key in auth._verified
+    store.revoke(record.key_id)
+    auth.cache.refresh()
+    assert _refusal(auth, Permission.CALL_MODEL, _bearer(key)).reason == "revoked"
+    assert key not in auth._verified
+    # A key admitted by its previous secret leaves the memo when its grace ends, with no
+    # table change in between.
+    record, old = store.create(tenant="finance", role="caller")
+    store.rotate(record.key_id, grace_s=1)
+    auth.cache.refresh()
+    assert auth.admit(Permission.CALL_MODEL, _bearer(old), PEER).tenant == "finance"
+    assert auth.admit(Permission.CALL_MODEL, _bearer(old), PEER).tenant == "finance"
+    time.sleep(1.2)
+    assert _refusal(auth, Permission.CALL_MODEL, _bearer(old)).reason == "wrong_secret"
