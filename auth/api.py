@@ -13,7 +13,6 @@ the CLI (``paddle-meter keys``), which reads the database directly.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 from typing import Any
 
@@ -22,6 +21,7 @@ from fastapi.responses import JSONResponse
 
 from auth.authenticator import Authenticator
 from auth.context import current_identity
+from auth.keys import parse_expiry
 from auth.roles import Permission
 
 __all__ = ["make_keys_router"]
@@ -99,13 +99,7 @@ def make_keys_router(authenticator: Authenticator) -> APIRouter:
             if name is not None and not isinstance(name, str):
                 raise ValueError("name must be a string")
             expires = document.get("expires")
-            expires_date = None
-            if expires is not None:
-                if not isinstance(expires, str):
-                    raise ValueError("expires must be a date YYYY-MM-DD")
-                expires_date = dt.date.fromisoformat(expires)
-                if expires_date < dt.datetime.now(dt.timezone.utc).date():
-                    raise ValueError(f"expires {expires} is in the past")
+            expires_date = None if expires is None else parse_expiry(expires)
             actor = _actor()
             record, key = await _in_store(
                 store.create,

@@ -121,26 +121,12 @@ def _actor() -> str:
         return "cli"
 
 
-def _parse_expires(text: str) -> _dt.date:
-    try:
-        day = _dt.date.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"--expires must be a date YYYY-MM-DD, not {text!r}") from None
-    today = _dt.datetime.now(_dt.timezone.utc).date()
-    if day < today:
-        raise ValueError(
-            f"--expires {day.isoformat()} is in the past (today is {today.isoformat()} UTC); "
-            "a key works through the UTC day given"
-        )
-    return day
-
-
 def _cmd_create(args: argparse.Namespace) -> int:
-    from auth.keys import check_key_fields
+    from auth.keys import check_key_fields, parse_expiry
 
     # Checked before the store opens: a typo creates neither a secret nor a database.
     check_key_fields(args.tenant, args.role, args.name)
-    expires = _parse_expires(args.expires) if args.expires else None
+    expires = parse_expiry(args.expires, "--expires") if args.expires else None
     store = _store(args, create_secret=True)
     try:
         record, key = store.create(

@@ -41,6 +41,7 @@ __all__ = [
     "check_key_fields",
     "KeyDigester",
     "digest_key",
+    "parse_expiry",
     "split_key",
 ]
 
@@ -159,6 +160,22 @@ class KeyDigester:
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.hexdigest()
+
+
+def parse_expiry(text: str, label: str = "expires") -> _dt.date:
+    """The UTC day a key works through, from 'YYYY-MM-DD' (``label`` names the field in
+    the message); ValueError for another shape or a day already past."""
+    try:
+        day = _dt.date.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{label} must be a date YYYY-MM-DD, not {text!r}") from None
+    today = _dt.datetime.now(_dt.timezone.utc).date()
+    if day < today:
+        raise ValueError(
+            f"{label} {day.isoformat()} is in the past (today is {today.isoformat()} UTC); "
+            "a key works through the UTC day given"
+        )
+    return day
 
 
 def check_key_fields(tenant: str, role: str, name: str | None = None) -> None:
