@@ -35,7 +35,7 @@ class Permission(enum.Enum):
     OPEN = "open"  # no key needed (health, readiness; /metrics unless configured)
     AUTHENTICATED = "authenticated"  # any valid key (metadata, unknown routes)
     CALL_MODEL = "call_model"  # inference and tokenize
-    READ_USAGE = "read_usage"  # /v1/usage and bills
+    READ_USAGE = "read_usage"  # /v1/usage, /v1/budgets and bills
     MANAGE_KEYS = "manage_keys"  # /v1/keys
 
 
@@ -93,7 +93,7 @@ _HTTP: Final = (
     (None, re.compile(r"/metrics|/favicon\.ico"), Permission.OPEN),
     ("POST", re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer"), Permission.CALL_MODEL),
     ("POST", re.compile(r"/v1/tokenize"), Permission.CALL_MODEL),
-    (None, re.compile(r"/v1/usage|/v1/bills?(/.*)?"), Permission.READ_USAGE),
+    (None, re.compile(r"/v1/usage|/v1/budgets|/v1/bills?(/.*)?"), Permission.READ_USAGE),
     (None, re.compile(r"/v1/keys(/.*)?"), Permission.MANAGE_KEYS),
     (None, re.compile(r"/v[12](/.*)?|/docs.*|/openapi\.json|/redoc"), Permission.AUTHENTICATED),
     # Paddle Serving's pipeline gateway: POST /{name}/{method}

@@ -65,7 +65,8 @@ def add_subcommands(
     rep.add_argument("--reason", help="why (kept in the audit table)")
     rep.add_argument("--by", dest="changed_by", help="who (default: the OS user)")
     rep.add_argument("--dry-run", action="store_true")
-    rep.set_defaults(func=_cmd_reprice, _default_ledger=default_ledger)
+    rep.set_defaults(func=_cmd_reprice, _default_ledger=default_ledger,
+                     _budget_timezone=default_timezone)
 
     report = subparsers.add_parser("report", help="usage and cost report")
     _common(report)
@@ -156,7 +157,24 @@ def _cmd_reprice(args: argparse.Namespace) -> int:
         f"examined {result.examined} records, {verb} {result.changed}; total "
         f"{round_bill(result.old_total)} -> {round_bill(result.new_total)} {book.currency}"
     )
+    if result.changed and not args.dry_run:
+        _reconcile_cost_budgets(args)
     return 0
+
+
+def _reconcile_cost_budgets(args: argparse.Namespace) -> None:
+    """A reprice moves what cost budgets have used: set their counters to the new sums."""
+    from billing.budget_store import BudgetStore
+    from billing.periods import load_zone
+
+    store = BudgetStore(getattr(args, "ledger", None) or args._default_ledger)
+    try:
+        budgets = [b for b in store.load() if b.metric == "cost"]
+        if budgets:
+            count = store.reconcile_all(budgets, load_zone(args._budget_timezone))
+            print(f"cost budgets: {count} period counter(s) reconciled with the repriced ledger")
+    finally:
+        store.close()
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

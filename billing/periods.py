@@ -10,13 +10,24 @@ number of hours (then an hour never straddles a local midnight), else by UTC min
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["DEFAULT_TIMEZONE", "bucket_chars", "bucket_local_day", "load_zone", "utc_minute_key"]
+__all__ = [
+    "BUDGET_PERIODS",
+    "DEFAULT_TIMEZONE",
+    "CalendarPeriod",
+    "bucket_chars",
+    "bucket_local_day",
+    "calendar_period",
+    "load_zone",
+    "utc_minute_key",
+]
 
 DEFAULT_TIMEZONE = "UTC"
+BUDGET_PERIODS = ("day", "week", "month")
 _UTC = _dt.timezone.utc
 
 
@@ -79,3 +90,53 @@ def bucket_local_day(bucket: str, zone: ZoneInfo) -> _dt.date:
     else:
         moment = _dt.datetime.fromisoformat(bucket[:16])
     return moment.replace(tzinfo=_UTC).astimezone(zone).date()
+
+
+@dataclasses.dataclass(frozen=True)
+class CalendarPeriod:
+    """One day, week (Monday to Monday) or month of a zone: local bounds and UTC bounds."""
+
+    name: str  # day | week | month
+    local_start: _dt.datetime
+    local_end: _dt.datetime
+
+    @property
+    def utc_start(self) -> _dt.datetime:
+        return self.local_start.astimezone(_UTC)
+
+    @property
+    def utc_end(self) -> _dt.datetime:
+        return self.local_end.astimezone(_UTC)
+
+    def describe_reset(self) -> str:
+        """'2027-01-01 00:00 Asia/Shanghai': when the next period starts, in local time."""
+        return f"{self.local_end:%Y-%m-%d %H:%M} {self.local_end.tzinfo}"
+
+    def label(self) -> str:
+        """'today', 'this week', 'this month': how a message names the period."""
+        return "today" if self.name == "day" else f"this {self.name}"
+
+
+def calendar_period(name: str, zone: ZoneInfo, moment: _dt.datetime) -> CalendarPeriod:
+    """The ``name`` period (day | week | month) of ``zone`` that holds ``moment`` (aware).
+
+    Bounds are local midnights (Monday for a week, the 1st for a month), so a Beijing
+    "day" is 16:00 to 16:00 UTC; raises ValueError for another period name.
+    """
+    local = moment.astimezone(zone)
+    day = local.date()
+    if name == "day":
+        first, after = day, day + _dt.timedelta(days=1)
+    elif name == "week":
+        first = day - _dt.timedelta(days=day.weekday())
+        after = first + _dt.timedelta(days=7)
+    elif name == "month":
+        first = day.replace(day=1)
+        after = (first + _dt.timedelta(days=32)).replace(day=1)
+    else:
+        raise ValueError(f"unknown budget period {name!r}; use one of {', '.join(BUDGET_PERIODS)}")
+    return CalendarPeriod(
+        name,
+        _dt.datetime.combine(first, _dt.time(), tzinfo=zone),
+        _dt.datetime.combine(after, _dt.time(), tzinfo=zone),
+    )

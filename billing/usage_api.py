@@ -30,7 +30,7 @@ from exporters.ledger.reader import LedgerReader
 if TYPE_CHECKING:
     from auth.authenticator import Authenticator
 
-__all__ = ["is_loopback", "make_usage_router"]
+__all__ = ["is_loopback", "make_usage_router", "readable_tenant"]
 
 
 def is_loopback(host: str | None) -> bool:
@@ -40,6 +40,25 @@ def is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:
         return False
+
+
+def readable_tenant(request: Request, tenant: str | None, keyed: bool) -> str | None:
+    """The tenant filter this caller may use on a usage-like read (usage, bills,
+    budgets), as the module docstring says; raises HTTPException 403."""
+    if not keyed:
+        if not is_loopback(request.client.host if request.client else None):
+            raise HTTPException(status_code=403, detail="usage API is loopback-only")
+        return tenant
+    identity = current_identity()
+    if identity is None or not identity.may(Permission.READ_USAGE):
+        raise HTTPException(status_code=403, detail="usage needs an auditor or admin key")
+    if identity.reads_all_tenants:
+        return tenant
+    if tenant is not None and tenant != identity.tenant:
+        raise HTTPException(
+            status_code=403, detail=f"this key may read tenant {identity.tenant} only"
+        )
+    return identity.tenant
 
 
 def make_usage_router(
@@ -53,23 +72,6 @@ def make_usage_router(
     router = APIRouter()
     keyed = authenticator is not None and authenticator.required
 
-    def readable_tenant(request: Request, tenant: str | None) -> str | None:
-        """The tenant filter this caller may use; raises 403."""
-        if not keyed:
-            if not is_loopback(request.client.host if request.client else None):
-                raise HTTPException(status_code=403, detail="usage API is loopback-only")
-            return tenant
-        identity = current_identity()
-        if identity is None or not identity.may(Permission.READ_USAGE):
-            raise HTTPException(status_code=403, detail="usage needs an auditor or admin key")
-        if identity.reads_all_tenants:
-            return tenant
-        if tenant is not None and tenant != identity.tenant:
-            raise HTTPException(
-                status_code=403, detail=f"this key may read tenant {identity.tenant} only"
-            )
-        return identity.tenant
-
     @router.get("/v1/usage")
     async def usage(
         request: Request,
@@ -81,7 +83,7 @@ def make_usage_router(
         period: str = Query("day"),
         tz: str | None = Query(None, description="IANA time zone of the periods"),
     ) -> dict[str, Any]:
-        tenant = readable_tenant(request, tenant)
+        tenant = readable_tenant(request, tenant, keyed)
         zone = tz or timezone
         try:
             dims = parse_by(by)

@@ -24,6 +24,15 @@ PADDLE_METER_TENANT: Final = "paddle_meter.tenant"
 PADDLE_METER_API_KEY_ID: Final = "paddle_meter.api_key_id"
 # Why an authentication or authorization failed (missing_key, unknown_key, revoked ...).
 PADDLE_METER_AUTH_FAILURE: Final = "paddle_meter.auth.failure"
+# Why a budget or rate limit refused the call (budget_exceeded, requests_per_minute,
+# tokens_per_minute), on the span and on paddle_meter.limit.refusals.
+PADDLE_METER_LIMIT_REFUSAL: Final = "paddle_meter.limit.refusal"
+# Attributes of the budget gauges (and of the soft-limit span event).
+PADDLE_METER_BUDGET_ID: Final = "paddle_meter.budget.id"
+PADDLE_METER_BUDGET_METRIC: Final = "paddle_meter.budget.metric"
+PADDLE_METER_BUDGET_PERIOD: Final = "paddle_meter.budget.period"
+# Span event of the call whose usage crossed a budget's soft limit.
+EVENT_BUDGET_SOFT_LIMIT: Final = "paddle_meter.budget.soft_limit"
 PADDLE_METER_REQUEST_ID: Final = "paddle_meter.request_id"
 PADDLE_METER_CHARACTERS: Final = "paddle_meter.characters"
 PADDLE_METER_IMAGES: Final = "paddle_meter.images"
@@ -68,6 +77,12 @@ METRIC_HTTP_SERVER_REQUEST_DURATION: Final = "http.server.request.duration"  # s
 METRIC_METER_ERRORS: Final = "paddle_meter.meter_errors"  # {error}
 # Refused authentications and authorizations, by paddle_meter.auth.failure: {attempt}
 METRIC_AUTH_FAILURES: Final = "paddle_meter.auth.failures"
+# Calls refused by a budget or a rate limit, by paddle_meter.limit.refusal: {request}
+METRIC_LIMIT_REFUSALS: Final = "paddle_meter.limit.refusals"
+# Budget figures of the current period, in the budget's unit (cost: the price table's
+# currency), by tenant, paddle_meter.budget.{id,metric,period}: gauges.
+METRIC_BUDGET_USED: Final = "paddle_meter.budget.used"
+METRIC_BUDGET_LIMIT: Final = "paddle_meter.budget.limit"
 # Ledger health (registered when the ledger implements exporters.ledger.base.ReportsHealth).
 METRIC_LEDGER_SPOOL_PENDING: Final = "paddle_meter.ledger.spool_pending"  # {record}, gauge
 METRIC_LEDGER_WRITE_FAILURES: Final = "paddle_meter.ledger.write_failures"  # {record}

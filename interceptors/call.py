@@ -16,8 +16,9 @@ of the finishing steps; each step has its own home:
 
 from __future__ import annotations
 
+import datetime
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -25,6 +26,7 @@ from opentelemetry import trace
 
 from auth import context as auth_context
 from auth.authenticator import MISSING_KEY_MESSAGE
+from exporters import semconv as sc
 from exporters.usage_record import UsageRecord
 from interceptors.billing_policy import (
     LEDGER_FAILURE_MESSAGE,
@@ -44,6 +46,7 @@ from serving.errors import ServingError
 if TYPE_CHECKING:
     from auth.authenticator import Admission
     from auth.roles import Identity
+    from billing.budget_guard import Reservation
     from exporters.ledger.base import BilledRecord
     from interceptors.core import MeteringCore
 
@@ -79,6 +82,8 @@ class MeteredCall:
         "identity",
         "auth_pending",
         "auth_refusal",
+        "limit_refusal",
+        "reservation",
         "_auth_carrier",
         "_request_id",
         "_start_ns",
@@ -113,6 +118,9 @@ class MeteredCall:
         # Set while the key may still come in the body (pipeline); cleared once admitted.
         self.auth_pending: Admission | None = None
         self.auth_refusal: ServingError | None = None
+        # A budget / rate-limit refusal (never billed) and the reservation held otherwise.
+        self.limit_refusal: ServingError | None = None
+        self.reservation: Reservation | None = None
         self._auth_carrier: tuple[Mapping[str, str], str | None] | None = None
         self._request_id: str | None = None
         self._start_ns = time.perf_counter_ns()
@@ -176,6 +184,32 @@ class MeteredCall:
         self.auth_pending = None
         self.identity, self.tenant = admission.identity, admission.tenant
 
+    async def admit_usage(self, served: Any, items: Sequence[Any]) -> None:
+        """``usage.admission_hook``: reserve what the call will bill on its budgets and
+        rate limits before the model runs (billing/budget_guard.py), or raise the refusal,
+        which is metered here and never billed."""
+        self.usage.admission_hook = None
+        guard = self.core.guard
+        if guard is None or not guard.applies(self.tenant, self.api_key_id):
+            return
+        estimate = await served.estimate(items)
+        try:
+            self.reservation = await guard.reserve(
+                tenant=self.tenant,
+                key_id=self.api_key_id,
+                model=self.usage.model or "",
+                operation=self.usage.operation or "",
+                started_at=datetime.datetime.fromtimestamp(
+                    self.start_wall_ns / 1e9, datetime.timezone.utc
+                ),
+                request_id=self.request_id,
+                estimate=estimate,
+            )
+        except ServingError as refusal:
+            self.limit_refusal = refusal
+            self.core.limit_refused(refusal, self.protocol, self.span)
+            raise
+
     @property
     def request_id(self) -> str:
         """The call's id (interceptors/request_id.py), decided on first use."""
@@ -231,7 +265,7 @@ class MeteredCall:
             final_status, key, value = refusal_status(self.protocol, refusal.kind)
             attrs[key] = value
             call_ok, error_message = False, refusal.message
-        elif self.auth_pending is None and self.billable():
+        elif self.auth_pending is None and self.limit_refusal is None and self.billable():
             try:
                 record = build_record(
                     self,
@@ -259,6 +293,8 @@ class MeteredCall:
                 final_status, key, value = refusal_status(self.protocol, refusal.kind)
                 attrs[key] = value
                 call_ok, error_message = False, refusal.message
+        if self.reservation is not None:
+            await self._settle_reservation()
         try:
             emit(
                 self,
@@ -278,3 +314,18 @@ class MeteredCall:
         if refusal is not None:
             raise refusal
         return self.record
+
+    async def _settle_reservation(self) -> None:
+        """Budgets move from the reservation to what was billed now (nothing for a
+        failure, a refusal or a replay); a soft-limit crossing becomes a span event."""
+        core, reservation = self.core, self.reservation
+        self.reservation = None
+        assert core.guard is not None and reservation is not None
+        crossings = await core.guard.settle(reservation, self.record)
+        for crossing in crossings:
+            try:
+                self.span.add_event(
+                    sc.EVENT_BUDGET_SOFT_LIMIT, crossing.attributes(core.guard.currency)
+                )
+            except Exception as exc:
+                core.count_error("budget_event", exc, self.request_id)

@@ -48,6 +48,7 @@ from interceptors.billing_policy import (
     NON_BILLABLE_OPERATIONS,
     START_FAILURE_MESSAGE,
 )
+from interceptors.budget_metrics import BudgetMetrics
 from interceptors.call import MeteredCall
 from interceptors.instruments import Instruments, TenantCap
 from interceptors.ledger_metrics import LedgerMetrics
@@ -58,6 +59,7 @@ from serving.errors import ServingError
 
 if TYPE_CHECKING:
     from auth.authenticator import Authenticator
+    from billing.budget_guard import BudgetGuard
 
 __all__ = ["LEDGER_FAILURE_MESSAGE", "MeteredCall", "MeteringCore", "default_tenant_resolver"]
 
@@ -123,6 +125,7 @@ class MeteringCore:
         tenant_cap: int = sc.DEFAULT_TENANT_CAP,
         max_replays: int = DEFAULT_MAX_REPLAYS,
         authenticator: Authenticator | None = None,
+        guard: BudgetGuard | None = None,
     ) -> None:
         if enabled and telemetry is None:
             raise ValueError("an enabled MeteringCore needs a Telemetry (see setup_telemetry)")
@@ -138,15 +141,20 @@ class MeteringCore:
         # Only a ``required`` authenticator admits calls; ``off`` keeps the tenant resolver.
         self.auth = authenticator if authenticator is not None and authenticator.required else None
         self.tenant_labels = TenantCap(tenant_cap)
+        # Budgets and rate limits (billing/budget_guard.py): reserved before inference.
+        self.guard = guard
         # Checked once here: isinstance against a runtime Protocol is slow per call.
         self._ledger_health = ledger if isinstance(ledger, ReportsHealth) else None
         self._ledger_metrics: LedgerMetrics | None = None
+        self._budget_metrics: BudgetMetrics | None = None
         if enabled:
             assert telemetry is not None
             self.tracer = telemetry.tracer
             self.instruments = Instruments(telemetry)
             if self._ledger_health is not None:
                 self._ledger_metrics = LedgerMetrics(telemetry.meter, self._ledger_health)
+            if guard is not None:
+                self._budget_metrics = BudgetMetrics(telemetry.meter, guard)
             self._own_stage_hook()
 
     @classmethod
@@ -158,6 +166,7 @@ class MeteringCore:
         ledger: UsageSink | None = None,
         pricebook: Any | None = None,
         authenticator: Authenticator | None = None,
+        guard: BudgetGuard | None = None,
     ) -> MeteringCore:
         """Build from the config file's ``metering`` block: ``enabled`` (bool; false is
         "metering off", for benchmarks), ``record_content`` (bool),
@@ -179,6 +188,7 @@ class MeteringCore:
             tenant_cap=int(values.get("max_tenants_in_metrics", sc.DEFAULT_TENANT_CAP)),
             max_replays=values.get("max_replays", DEFAULT_MAX_REPLAYS),
             authenticator=authenticator,
+            guard=guard,
         )
 
     def close(self) -> None:
@@ -187,6 +197,8 @@ class MeteringCore:
         global _stage_hook_owner
         if self._ledger_metrics is not None:
             self._ledger_metrics.close()
+        if self._budget_metrics is not None:
+            self._budget_metrics.close()
         if self.enabled and _stage_hook_owner is self:
             _stage_hook_owner = None
             usage_mod.set_stage_factory(None)
@@ -259,6 +271,8 @@ class MeteringCore:
             tenant,
             dict(attributes),  # a copy: transports may keep adding to theirs
         )
+        if self.guard is not None:
+            usage.admission_hook = call.admit_usage
         if admission is not None:
             call.identity = admission.identity
             if admission.pending:  # the pipeline presents its body's api_key (auth/)
@@ -300,6 +314,19 @@ class MeteringCore:
                 span.end()
         except Exception as exc:
             self.count_error("auth_span", exc)
+
+    def limit_refused(self, refusal: ServingError, protocol: str, span: trace.Span) -> None:
+        """Meter a budget or rate-limit refusal: counted by reason and on the call's span.
+        Never a ledger record: nothing is billed."""
+        reason = refusal.reason or refusal.kind
+        with contextlib.suppress(Exception):
+            self.instruments.limit_refusals.add(
+                1, {sc.PADDLE_METER_LIMIT_REFUSAL: reason, sc.PADDLE_METER_PROTOCOL: protocol}
+            )
+        try:
+            span.set_attributes({sc.PADDLE_METER_LIMIT_REFUSAL: reason, sc.ERROR_TYPE: refusal.kind})
+        except Exception as exc:
+            self.count_error("limit_span", exc)
 
     def start_refusal(self, exc: BaseException) -> ServingError:
         """What a transport answers when :meth:`start_call` raised ``exc``: the

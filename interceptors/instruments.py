@@ -161,6 +161,11 @@ class Instruments:
             unit="{attempt}",
             description="Calls refused by authentication or authorization, by reason (never billed)",
         )
+        self.limit_refusals = meter.create_counter(
+            sc.METRIC_LIMIT_REFUSALS,
+            unit="{request}",
+            description="Calls refused by a budget or a rate limit, by reason (never billed)",
+        )
 
 
 class TenantCap:

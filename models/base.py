@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any, ClassVar, TypeVar
 
+from models.usage import UsageEstimate
+
 __all__ = [
     "InvalidInput",
     "ModelAdapter",
@@ -178,6 +180,13 @@ class ModelAdapter(abc.ABC):
         raise NotImplementedError(
             f"{type(self).__name__} sets uses_infer_async but does not define infer_async"
         )
+
+    def estimate_usage(self, batch: Sequence[Any]) -> UsageEstimate:
+        """What ``infer(batch)`` will report, as far as it is known before inference
+        (budgets reserve it). Blocks; never raises: items it cannot read count nothing
+        (inference rejects them). By default: one image per item for image models,
+        nothing otherwise."""
+        return UsageEstimate(images=len(batch) if self.model_kind == "ocr" else 0)
 
     def count_tokens(self, text: Any, text_pair: Any = None) -> TokenCount:
         """Tokenize without inference, exactly as ``infer`` would bill. Blocks.

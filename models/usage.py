@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 __all__ = [
     "RequestUsage",
     "StageFactory",
+    "UsageEstimate",
     "bind_usage",
     "current_usage",
     "report_usage",
@@ -27,6 +28,16 @@ __all__ = [
     "stage",
     "trace_link",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageEstimate:
+    """What a request will consume, as far as it is known before inference: an ERNIE
+    adapter knows its exact input tokens (it tokenizes first); an OCR adapter knows only
+    its images (their characters come out of recognition)."""
+
+    input_tokens: int = 0
+    images: int = 0
 
 
 @dataclasses.dataclass
@@ -59,6 +70,10 @@ class RequestUsage:
     # ``credential_hook(key_or_None)`` before any model work; it raises the refusal
     # (a ServingError) or admits the call and clears itself. None: nothing to present.
     credential_hook: Callable[[str | None], None] | None = None
+    # Set by the metering core while budgets or rate limits may apply: the dispatcher
+    # awaits ``admission_hook(served_model, items)`` after decoding and before inference;
+    # it reserves the call's usage or raises the refusal (a ServingError).
+    admission_hook: Callable[[Any, Sequence[Any]], Awaitable[None]] | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def add(

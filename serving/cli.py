@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from auth.cli import add_key_subcommands
+from billing.budget_cli import add_budget_subcommands
+from billing.budget_store import BudgetStoreError
 from billing.cli import add_subcommands
 from exporters.ledger import LedgerUnavailable, redact_dsn
 from serving.config import ConfigError, ledger_url, load_config, pricing_path
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_subcommands(sub, default_ledger=ledger_url(config),
                     default_timezone=config["billing"]["timezone"])
     add_key_subcommands(sub, config=config)
+    add_budget_subcommands(sub, config=config)
     parser.set_defaults(pricing=str(pricing_path(config)))
     return parser
 
@@ -127,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"paddle-meter: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, LedgerUnavailable) as exc:  # bad period, no ledger ...
+    except (ValueError, FileNotFoundError, LedgerUnavailable, BudgetStoreError) as exc:
+        # a bad period, no ledger, a database that cannot be reached ...
         print(f"paddle-meter: error: {redact_dsn(str(exc))}", file=sys.stderr)
         return 2
 

@@ -37,6 +37,7 @@ DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "default.yaml"
 _FREE_FORM = {
     ("models",): "model name -> settings",
     ("telemetry", "otlp_headers"): "header name -> value",
+    ("rate_limits", "keys"): "key id -> {requests_per_minute, tokens_per_minute}",
 }
 # ``ledger`` keys handed to exporters.ledger.open_ledger as keyword options when not null.
 _LEDGER_OPTIONS = (
@@ -173,12 +174,25 @@ def load_config(
 
 
 def _validate_billing(config: dict[str, Any]) -> None:
+    from billing.budgets import parse_budgets_config, parse_rate_limits
     from billing.periods import load_zone
 
     try:
         config["billing"]["timezone"] = load_zone(config["billing"]["timezone"]).key
     except ValueError as exc:
         raise ConfigError(f"billing.timezone: {exc}") from exc
+    try:
+        parse_budgets_config(config["budgets"]["limits"])
+        parse_rate_limits(config["rate_limits"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    for key in ("ocr_estimate_chars_per_image", "refresh_s", "reconcile_interval_s",
+                "reservation_ttl_s"):
+        value = config["budgets"][key]
+        if value is None and key == "reservation_ttl_s":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"budgets.{key}: expected a number >= 0, got {value!r}")
 
 
 def ledger_url(config: Mapping[str, Any]) -> str:

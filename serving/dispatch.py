@@ -5,7 +5,9 @@ before the metering context hears of it, so it writes no ledger row and adds no 
 metric label value (anyone could otherwise grow both without limit). For a served model it
 then tells the metering context what is being served (model, version, operation, the
 protocol-level request id, a digest of the payload) before running the model, so even a
-request that fails to decode is recorded against the model it asked for.
+request that fails to decode is recorded against the model it asked for. Between decoding
+and inference the metering context's admission hook (budgets and rate limits) reserves
+the call's usage or refuses it: no model work is done for a refused call.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ async def run_model(
     items, payloads = decode(served.codec)
     if usage is not None:
         usage.content_sha256 = digest(payloads)
+        if usage.admission_hook is not None:  # budgets / rate limits: reserve or refuse
+            await usage.admission_hook(served, items)
     results = await served.run(items)
     if usage is not None:
         usage.content = served.codec.content(items, results)

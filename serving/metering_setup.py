@@ -1,8 +1,8 @@
 """Assemble metering for a serving process from config: telemetry, ledger, prices, core.
 
 Returns the pieces the transports need (gRPC interceptors, an ASGI wrapper, extra HTTP
-routes: ``/metrics``, ``/v1/usage`` and ``/v1/keys``) and one ``shutdown`` that flushes them
-in order: the core first (no new records), then telemetry, then the ledger (everything
+routes: ``/metrics``, ``/v1/usage``, ``/v1/budgets`` and ``/v1/keys``) and one ``shutdown``
+that flushes them in order: the core first (no new records), the budget guard, then telemetry, then the ledger (everything
 durable), then the key cache (its last-used times). The authenticator (auth/) is built
 first: with ``auth.mode: required`` a server that cannot read its keys does not start.
 """
@@ -23,6 +23,8 @@ from fastapi.responses import JSONResponse, Response
 from auth.api import make_keys_router
 from auth.authenticator import Authenticator
 from auth.roles import Permission
+from billing.budget_api import make_budgets_router
+from billing.budget_guard import BudgetGuard
 from billing.pricing import PriceBook
 from billing.usage_api import make_usage_router
 from exporters.ledger import open_ledger
@@ -44,10 +46,14 @@ class Metering:
     wrap_asgi: Callable[[Any], Any]
     http_routers: list[APIRouter]
     authenticator: Authenticator | None = None
+    guard: BudgetGuard | None = None
 
     def shutdown(self) -> None:
         """Flush and close everything; idempotent (each part is)."""
         self.core.close()
+        if self.guard is not None:
+            self.guard.close()
+            self.guard = None
         if self.telemetry is not None:
             self.telemetry.shutdown()
         if self.ledger is not None:
@@ -96,10 +102,17 @@ def build_metering(config: Mapping[str, Any], data_dir: Path) -> Metering:
         authenticator.close()
         raise
     prices = PriceBook.load(pricing_path(config))
+    guard = BudgetGuard.from_config(config, url, prices)
+    if guard is not None:
+        guard.start()  # stores the config's budgets, reconciles with the ledger
     core = MeteringCore.from_config(
-        settings, telemetry, ledger=ledger, pricebook=prices, authenticator=authenticator
+        settings, telemetry, ledger=ledger, pricebook=prices, authenticator=authenticator,
+        guard=guard,
     )
     routers = [make_keys_router(authenticator)]
+    if guard is not None:
+        routers.append(make_budgets_router(lambda: guard.store, authenticator,
+                                           timezone=guard.zone.key, currency=guard.currency))
     if telemetry.config.prometheus:
         routers.append(_metrics_router(telemetry, authenticator))
     if not url.startswith("jsonl://"):
@@ -115,4 +128,5 @@ def build_metering(config: Mapping[str, Any], data_dir: Path) -> Metering:
         lambda app: MeteringMiddleware(app, core),
         routers,
         authenticator,
+        guard,
     )

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from models.base import ModelAdapter, ModelError, Overloaded, TokenCount
+from models.usage import UsageEstimate
 from serving.codecs import Codec, codec_for_kind
 from serving.errors import ServingError, unknown_model
 
@@ -41,6 +42,8 @@ __all__ = ["BoundedExecutor", "ModelHost", "ServedModel"]
 
 log = logging.getLogger(__name__)
 
+# Texts up to this many characters are tokenized for a budget estimate on the event loop.
+_INLINE_ESTIMATE_CHARS = 4096
 _ADAPTERS = {
     "ocr": ("models.ocr", "OcrAdapter"),
     "ernie": ("models.ernie.adapter", "ErnieAdapter"),
@@ -168,6 +171,20 @@ class ServedModel:
             if isinstance(result, BaseException):
                 raise result
         return list(results)
+
+    async def estimate(self, batch: Sequence[Any]) -> UsageEstimate:
+        """What the batch will bill, as far as it is known before inference (budgets
+        reserve it): inline for short texts, on a thread for long ones (tokenizing a
+        long text would hold the event loop)."""
+        text_chars = sum(
+            len(text) for item in batch for text in (getattr(item, "text", None),
+                                                     getattr(item, "text_pair", None))
+            if isinstance(text, str)
+        )
+        if text_chars <= _INLINE_ESTIMATE_CHARS:
+            return self.adapter.estimate_usage(batch)
+        ctx = contextvars.copy_context()
+        return await asyncio.to_thread(ctx.run, self.adapter.estimate_usage, list(batch))
 
     async def count_tokens(self, text: Any, text_pair: Any = None) -> TokenCount:
         """Tokenize on the pool without inference; ServingError for a model without a

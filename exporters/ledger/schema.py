@@ -376,6 +376,38 @@ def _keys_ddl(dialect: str) -> list[str]:
     ]
 
 
+def _budgets_ddl(dialect: str) -> list[str]:
+    """v6: budgets, their period counters and in-flight reservations, and the token buckets
+    of the rate limits (billing/budget_store.py reads and writes them).
+
+    Limits and counters are integers in the metric's unit (cost in micro-units of the
+    price table's currency, like ``cost_micros``). ``period_start`` / ``period_end`` and
+    ``record_ts`` are :func:`normalize_ts` text; ``expires_at`` and the bucket times are
+    epoch seconds (compared as numbers by every worker).
+    """
+    big = "BIGINT" if dialect == "postgresql" else "INTEGER"
+    real = "DOUBLE PRECISION" if dialect == "postgresql" else "REAL"
+    return [
+        "CREATE TABLE IF NOT EXISTS budgets (budget_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
+        "api_key_id TEXT, period TEXT NOT NULL, metric TEXT NOT NULL, "
+        f"limit_amount {big} NOT NULL, soft_fraction {real}, source TEXT NOT NULL, "
+        "updated_at TEXT NOT NULL)",
+        f"CREATE TABLE IF NOT EXISTS budget_counters (budget_id TEXT NOT NULL, "
+        f"period_start TEXT NOT NULL, period_end TEXT NOT NULL, used {big} NOT NULL, "
+        f"reserved {big} NOT NULL, reconciled_at TEXT, PRIMARY KEY (budget_id, period_start))",
+        "CREATE TABLE IF NOT EXISTS budget_reservations (reservation_id TEXT NOT NULL, "
+        f"budget_id TEXT NOT NULL, period_start TEXT NOT NULL, amount {big} NOT NULL, "
+        f"request_id TEXT NOT NULL, record_ts TEXT NOT NULL, expires_at {real} NOT NULL, "
+        "PRIMARY KEY (reservation_id, budget_id))",
+        "CREATE INDEX IF NOT EXISTS budget_reservations_expiry ON budget_reservations "
+        "(expires_at)",
+        "CREATE INDEX IF NOT EXISTS budget_reservations_record ON budget_reservations "
+        "(budget_id, request_id, record_ts)",
+        f"CREATE TABLE IF NOT EXISTS rate_buckets (bucket TEXT PRIMARY KEY, level {real} NOT NULL, "
+        f"updated_at {real} NOT NULL)",
+    ]
+
+
 # (version, description, DDL builder). Append only: released versions never change.
 MIGRATIONS: tuple[tuple[int, str, Callable[[str], list[str]]], ...] = (
     (1, "usage_records", _raw_ddl),
@@ -383,6 +415,7 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[str], list[str]]], ...] = (
     (3, "bill_audit", _audit_ddl),
     (4, "per-tenant billing key, request_replays, bill_audit tenant", _per_tenant_key_ddl),
     (5, "api_keys, key_events, auth_meta", _keys_ddl),
+    (6, "budgets, budget_counters, budget_reservations, rate_buckets", _budgets_ddl),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -35,7 +35,7 @@ from models.ernie.batcher import DynamicBatcher
 from models.ernie.export_layout import read_meta
 from models.ernie.tokenizer import Encoding, ErnieTokenizerFast
 from models.paddle_runtime import PredictorPool, RuntimeOptions
-from models.usage import current_usage, report_usage, stage, trace_link
+from models.usage import UsageEstimate, current_usage, report_usage, stage, trace_link
 
 __all__ = ["ErnieAdapter", "ErnieInput", "ErnieResult"]
 
@@ -211,6 +211,17 @@ class ErnieAdapter(ModelAdapter):
             truncated=bool(encoding.truncated),
             max_seq_len=self.max_seq_len,
         )
+
+    def estimate_usage(self, batch: Sequence[Any]) -> UsageEstimate:
+        """The exact input tokens ``infer`` will bill (tokenized now); unusable items
+        count nothing (inference refuses them)."""
+        tokens = 0
+        for item in batch:
+            try:
+                tokens += len(self.encode(item).input_ids)
+            except ModelError:
+                continue
+        return UsageEstimate(input_tokens=tokens)
 
     def infer(self, batch: Sequence[ErnieInput]) -> list[ErnieResult | ModelError]:
         """Run one request's items; usage goes to the current request. Blocks."""
