@@ -58,10 +58,11 @@ CONTENTS_FIELD = {
 }
 
 
-# numpy refuses shapes whose non-zero dimensions multiply past its index range (even with
-# a zero dimension, so zero elements), and arrays of more than 32 dimensions (numpy 1.x).
+# numpy refuses shapes whose non-zero dimensions times the item size pass its index range
+# (even with a zero dimension, so zero elements), and arrays of more than 32 dimensions
+# (numpy 1.x). 2**59 leaves room for the widest item (8 bytes) under 2**63.
 _MAX_DIMS = 32
-_MAX_EXTENT = 2**62
+_MAX_EXTENT = 2**59
 
 
 def _element_count(name: str, shape: Sequence[int]) -> int:
