@@ -148,7 +148,7 @@ def budget_refusal_message(
     extras = []
     if reserved > 0:
         extras.append(f"{_figure(budget.metric, reserved)} more held by calls in flight")
-    if needed > 0:
+    if needed > 0 and budget.metric != "requests":  # a request always needs one
         extras.append(f"this call needs {_figure(budget.metric, needed)}")
     if extras:
         text += f" ({'; '.join(extras)})"
