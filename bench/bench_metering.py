@@ -26,6 +26,10 @@ Calls, over gRPC from this process with ``grpc.aio``:
                auth is required: the call that shows the key check's own cost
   ocr          Paddle Serving pipeline ``inference`` (``ocr``/``prediction``) on a small
                rendered text line
+Budgets (bench/budget_check.py, same run): the budget check's CPU and latency per call on
+SQLite, PostgreSQL (and Redis, the alternative weighed in docs/design.md), calls/s of 64
+concurrent callers through one tenant's budget, and served calls/s of a budgeted tenant vs
+an unbudgeted one at 64 concurrent HTTP clients.
 Reported per mode and call: throughput, ratio to ``off``, server CPU microseconds per
 request (utime+stime of the server process from /proc/PID/stat, before/after) and the CPU
 added over ``off``. Medians over rounds; the key's cost is also given as the median of the
@@ -467,6 +471,14 @@ def main() -> None:
     parser.add_argument("--ocr-concurrency", type=int, default=2)
     parser.add_argument("--key-check-blocks", type=int, default=15)
     parser.add_argument("--key-check-calls", type=int, default=4000)
+    parser.add_argument("--budget-blocks", type=int, default=9,
+                        help="interleaved blocks of the in-process budget check (0: skip)")
+    parser.add_argument("--budget-calls", type=int, default=500)
+    parser.add_argument("--budget-served-rounds", type=int, default=5,
+                        help="rounds of the served budget throughput (0: skip)")
+    parser.add_argument("--budget-served-calls", type=int, default=640)
+    parser.add_argument("--budgets-only", action="store_true",
+                        help="measure only the budget check (no served metering modes)")
     parser.add_argument("--calls", default=",".join(CALLS))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--previous-ref", default=PREVIOUS_REF,
@@ -485,10 +497,22 @@ def main() -> None:
     calls = {c: counts[c] for c in wanted}
     concurrency = {"server_live": args.live_concurrency,
                    "server_metadata": args.live_concurrency, "ocr": args.ocr_concurrency}
-    rows, info = run(args.rounds, calls, concurrency, modes, args.previous_ref)
-    if "keyed" in modes:
-        info["key_check"] = key_check_in_process(args.key_check_blocks, args.key_check_calls)
-    text = render(rows, info, args)
+    from budget_check import budget_check_in_process, served_budget_throughput
+    from budget_check import render as render_budgets
+
+    if args.budgets_only:
+        text = "`.venv/bin/python bench/bench_metering.py --budgets-only`"
+    else:
+        rows, info = run(args.rounds, calls, concurrency, modes, args.previous_ref)
+        if "keyed" in modes:
+            info["key_check"] = key_check_in_process(args.key_check_blocks,
+                                                     args.key_check_calls)
+        text = render(rows, info, args)
+    check = (budget_check_in_process(args.budget_blocks, args.budget_calls)
+             if args.budget_blocks else None)
+    served = (served_budget_throughput(args.budget_served_rounds, args.budget_served_calls)
+              if args.budget_served_rounds else None)
+    text = "\n".join([text, *render_budgets(check, served)])
     print(text)
     if args.out:
         args.out.write_text(text + "\n", encoding="utf-8")

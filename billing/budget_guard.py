@@ -120,7 +120,7 @@ class BudgetGuard:
         *,
         timezone: str = "UTC",
         pricebook: Any | None = None,
-        ocr_chars_per_image: int = 1000,
+        ocr_chars_per_image: int = 300,
         reservation_ttl_s: float = 90.0,
         refresh_s: float = 5.0,
         reconcile_interval_s: float = 60.0,
@@ -162,7 +162,7 @@ class BudgetGuard:
             if budgets or rate_default.any or overrides:
                 raise ValueError("budgets and rate limits need a SQLite or PostgreSQL ledger")
             return None
-        per_image = block.get("ocr_estimate_chars_per_image", 1000)
+        per_image = block.get("ocr_estimate_chars_per_image", 300)
         if isinstance(per_image, bool) or not isinstance(per_image, int) or per_image < 0:
             raise ValueError(f"budgets.ocr_estimate_chars_per_image: an integer >= 0, not {per_image!r}")
         ttl_s = block.get("reservation_ttl_s")

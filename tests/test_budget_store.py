@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import re
 import threading
 import time
 
@@ -202,3 +203,24 @@ def test_reprice_moves_a_cost_budget(tmp_path, capsys):
     assert "changed 5" in out and "1 period counter(s) reconciled" in out
     assert store.counter(budget, period).used == 5 * 10_000
     store.close()
+
+
+@pytest.mark.parametrize(("block", "message"), [
+    ({"budgets": {"limits": [{"tenant": "fin", "period": "quarter", "limit_tokens": 5}]}},
+     "budgets.limits[0].period: one of day, week, month, got 'quarter'"),
+    ({"budgets": {"limits": [{"tenant": "fin", "period": "day"}]}},
+     "budgets.limits[0]: give exactly one of limit_cost"),
+    ({"budgets": {"limits": [{"tenant": "fin", "period": "day", "limit_cost": "1.0000001"}]}},
+     "at most 6 decimals"),
+    ({"budgets": {"limits": [{"tenant": "fin", "period": "day", "limit_tokens": 5,
+                              "soft": 1.5}]}}, "0 < soft <= 1"),
+    ({"budgets": {"limits": [{"tenant": "fin", "period": "day", "limit_tokens": 5}] * 2}},
+     "the same budget twice"),
+    ({"rate_limits": {"requests_per_minute": 0}}, "rate_limits.requests_per_minute"),
+    ({"rate_limits": {"keys": {"abc": {"burst": 3}}}}, "rate_limits.keys.abc"),
+])
+def test_bad_budget_settings_fail_at_start_up_with_the_field_named(tmp_path, block, message):
+    from serving.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides=block)
