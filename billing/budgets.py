@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from typing import Any, Final
 
 from billing.periods import BUDGET_PERIODS, CalendarPeriod
@@ -121,17 +121,21 @@ def metric_of_record(metric: str, *, ok: bool, billable_tokens: int, characters:
 
 
 def format_amount(metric: str, amount: int, currency: str) -> str:
-    """'500.00 CNY', '1,200 billable tokens'."""
+    """'500.00 CNY', '0.0144 CNY', '1,200 billable tokens'."""
     if metric == "cost":
-        value = (Decimal(amount) / _MICROS).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
-        return f"{value} {currency}"
+        return f"{_figure(metric, amount)} {currency}"
     return f"{amount:,} {_UNIT_WORDS[metric]}"
 
 
 def _figure(metric: str, amount: int) -> str:
-    if metric == "cost":
-        return str((Decimal(amount) / _MICROS).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
-    return f"{amount:,}"
+    """Cost exactly (micro-units), with at least 2 decimals: '500.00', '0.0144'; other
+    metrics as integers. Rounding a small budget to cents would hide why a call is refused."""
+    if metric != "cost":
+        return f"{amount:,}"
+    value = Decimal(amount) / _MICROS
+    if value == value.quantize(Decimal("0.01")):
+        return str(value.quantize(Decimal("0.01")))
+    return str(value.quantize(Decimal("0.000001")).normalize())
 
 
 def budget_refusal_message(

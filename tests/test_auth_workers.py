@@ -101,10 +101,9 @@ def stack(tmp_path_factory):
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def workers(stack):
-    """One connection to each worker: {pid: WorkerConnection}."""
-    server, _, _ = stack
+def connections_to_each_worker(server, workers: int = 2) -> dict[int, WorkerConnection]:
+    """One keep-alive connection to each of the ``workers`` worker processes of ``server``:
+    {pid: WorkerConnection} (connections are opened until every worker accepted one)."""
     pids = _listening_pids(server.http_port)
     found: dict[int, WorkerConnection] = {}
     for _ in range(200):
@@ -113,9 +112,17 @@ def workers(stack):
             conn.close()
         else:
             found[conn.pid] = conn
-        if len(found) == 2:
-            break
-    assert len(found) == 2, "could not reach both workers"
+        if len(found) == workers:
+            return found
+    for conn in found.values():
+        conn.close()
+    raise AssertionError("could not reach every worker")
+
+
+@pytest.fixture(scope="module")
+def workers(stack):
+    """One connection to each worker: {pid: WorkerConnection}."""
+    found = connections_to_each_worker(stack[0])
     yield found
     for conn in found.values():
         conn.close()

@@ -30,6 +30,7 @@ import httpx
 import psycopg
 import pytest
 from imaging import render_line
+from support.ernie_demo import ernie_model, make_demo_ernie
 from support.pg import temporary_database
 from support.server import ServerProcess
 
@@ -42,16 +43,12 @@ PM = str(Path(sys.executable).with_name("paddle-meter"))
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("budget-race")
-    demo = workdir / "ernie-demo"
-    subprocess.run([PM, "models", "make-demo-ernie", str(demo)], check=True,
-                   capture_output=True, timeout=600)
+    demo = make_demo_ernie(workdir / "ernie-demo")
     with temporary_database("pm_race") as url:
         config = {
             "models": {
                 "ocr": {"kind": "ocr"},
-                "ernie": {"kind": "ernie", "options": {"model_dir": str(demo),
-                                                       "task": "text_classification",
-                                                       "max_seq_len": 64}},
+                "ernie": ernie_model(demo),
             },
             "server": {"max_queued_inferences": 256, "max_concurrent_http": 256},
             "ledger": {"url": url},

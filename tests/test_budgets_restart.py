@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
+from support.ernie_demo import ernie_model, make_demo_ernie
 from support.pg import temporary_database
 from support.server import ServerProcess
 
@@ -77,13 +78,10 @@ def _show(workdir: Path, url: str) -> dict:
 
 
 def test_kill9_mid_race_keeps_spend_and_expires_dead_reservations(tmp_path):
-    demo = tmp_path / "ernie-demo"
-    subprocess.run([PM, "models", "make-demo-ernie", str(demo)], check=True,
-                   capture_output=True, timeout=600)
+    demo = make_demo_ernie(tmp_path / "ernie-demo")
     with temporary_database("pm_budget_k9") as url:
         config = {
-            "models": {"ernie": {"kind": "ernie", "options": {
-                "model_dir": str(demo), "task": "text_classification", "max_seq_len": 64}}},
+            "models": {"ernie": ernie_model(demo)},
             "ledger": {"url": url},
             "budgets": {"reservation_ttl_s": TTL_S,
                         "limits": [{"tenant": "ops", "period": "month",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,9 +26,10 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from support.ernie_demo import ernie_model, make_demo_ernie
 from support.keys import auth_env, create_key
 from support.server import ServerProcess
-from test_auth_workers import WorkerConnection
+from test_auth_workers import connections_to_each_worker
 from test_serving_workers import _listening_pids, _wait_until
 from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
@@ -48,13 +48,10 @@ def _infer_body(text: str) -> dict:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("rate-limits")
-    demo = workdir / "ernie-demo"
-    subprocess.run([PM, "models", "make-demo-ernie", str(demo)], check=True,
-                   capture_output=True, timeout=600)
+    demo = make_demo_ernie(workdir / "ernie-demo")
     ledger = workdir / "ledger.sqlite3"
     config = {
-        "models": {"ernie": {"kind": "ernie", "options": {
-            "model_dir": str(demo), "task": "text_classification", "max_seq_len": 64}}},
+        "models": {"ernie": ernie_model(demo)},
         "ledger": {"url": str(ledger)},
         "auth": {"mode": "required", "cache_ttl_s": 1},
         "rate_limits": {"requests_per_minute": RPM, "tokens_per_minute": TPM},
@@ -72,20 +69,6 @@ def stack(tmp_path_factory):
         server.stop()
 
 
-def _pinned_connections(server) -> dict[int, WorkerConnection]:
-    pids = _listening_pids(server.http_port)
-    found: dict[int, WorkerConnection] = {}
-    for _ in range(200):
-        conn = WorkerConnection(server.http_port, pids)
-        if conn.pid in found:
-            conn.close()
-        else:
-            found[conn.pid] = conn
-        if len(found) == 2:
-            return found
-    raise AssertionError("could not reach both workers")
-
-
 def _billed_rows(ledger: Path, key_id: str) -> int:
     with sqlite3.connect(ledger) as conn:
         return conn.execute("SELECT COUNT(*) FROM usage_records WHERE api_key_id = ?",
@@ -95,7 +78,7 @@ def _billed_rows(ledger: Path, key_id: str) -> int:
 def test_requests_per_minute_hold_across_two_workers(stack):
     server, env, ledger = stack
     key_id, key = create_key(server, "rl", "caller", env=env)
-    workers = _pinned_connections(server)
+    workers = connections_to_each_worker(server)
     answers: list[tuple[int, int, dict[str, str], str]] = []
     try:
         for i in range(RPM + 2):
