@@ -234,12 +234,16 @@ def served_budget_throughput(rounds: int = 5, calls: int = 640) -> dict[str, Any
                     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
                     return n / (time.perf_counter() - began)
 
-            asyncio.run(drive("free", calls // 4))  # warm both paths
-            asyncio.run(drive("budgeted", calls // 4))
             cells: dict[str, list[float]] = {"free": [], "budgeted": []}
-            for n in range(rounds):
-                for tenant in (("free", "budgeted") if n % 2 else ("budgeted", "free")):
-                    cells[tenant].append(asyncio.run(drive(tenant, calls)))
+            try:
+                asyncio.run(drive("free", calls // 4))  # warm both paths
+                asyncio.run(drive("budgeted", calls // 4))
+                for n in range(rounds):
+                    for tenant in (("free", "budgeted") if n % 2 else ("budgeted", "free")):
+                        cells[tenant].append(asyncio.run(drive(tenant, calls)))
+            except Exception:
+                print(server.logs()[-4000:], file=sys.stderr)
+                raise
             server.stop()
             paired = [b / f for b, f in zip(cells["budgeted"], cells["free"], strict=True)]
             out[kind] = {"free_rps": statistics.median(cells["free"]),
