@@ -255,8 +255,23 @@ class Telemetry:
         self.tracer: Tracer = tracer_provider.get_tracer(INSTRUMENTATION_SCOPE, cfg.service_version)
         self.meter: Meter = meter_provider.get_meter(INSTRUMENTATION_SCOPE, cfg.service_version)
         self._registry = prometheus_registry
+        self._workers: Any | None = None
         self._lock = threading.Lock()
         self._shut_down = False
+
+    def merge_workers(self, worker: int, workers: int, directory: Any) -> None:
+        """With ``--workers N`` (N > 1): every scrape of this worker also carries its
+        siblings' series, each labelled ``worker`` (exporters/worker_metrics.py)."""
+        if self._registry is None or workers <= 1:
+            return
+        from prometheus_client.exposition import generate_latest
+
+        from exporters.worker_metrics import WorkerMetrics
+
+        registry = self._registry
+        self._workers = WorkerMetrics(lambda: generate_latest(registry), worker=worker,
+                                      workers=workers, directory=directory)
+        self._workers.start()
 
     def render_metrics(self) -> tuple[bytes, str]:
         """Prometheus text exposition of every instrument: ``(body, content_type)``.
@@ -268,6 +283,8 @@ class Telemetry:
 
         if self._registry is None:
             return b"# prometheus exposition is turned off\n", CONTENT_TYPE_LATEST
+        if self._workers is not None:
+            return self._workers.render(), CONTENT_TYPE_LATEST
         return generate_latest(self._registry), CONTENT_TYPE_LATEST
 
     def force_flush(self, timeout_s: float = 10.0) -> bool:
@@ -283,6 +300,8 @@ class Telemetry:
             if self._shut_down:
                 return
             self._shut_down = True
+        if self._workers is not None:
+            self._workers.close()
         for provider in (self.tracer_provider, self.meter_provider):
             try:
                 provider.shutdown()

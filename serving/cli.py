@@ -21,7 +21,7 @@ from billing.budget_cli import add_budget_subcommands
 from billing.budget_store import BudgetStoreError
 from billing.cli import add_subcommands
 from exporters.ledger import LedgerUnavailable, redact_dsn
-from serving.config import ConfigError, ledger_url, load_config, pricing_path
+from serving.config import WORKER_INDEX_ENV, ConfigError, ledger_url, load_config, pricing_path
 from serving.logs import setup_logging
 
 __all__ = ["main"]
@@ -38,7 +38,9 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"server": server} if server else {}
 
 
-def _worker(config: dict[str, Any]) -> None:
+def _worker(config: dict[str, Any], index: int = 0) -> None:
+    # The worker's stable index (0..N-1): its `worker` label on /metrics (metering_setup.py).
+    os.environ[WORKER_INDEX_ENV] = str(index)
     setup_logging(config["logging"]["level"], config["logging"]["format"])
     from serving.app import serve_forever  # heavy imports (paddle) only in workers
 
@@ -63,7 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("--workers > 1 needs fixed ports: every worker must bind the same ones")
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_worker, args=(config,), name=f"worker-{i}") for i in range(workers)
+        ctx.Process(target=_worker, args=(config, i), name=f"worker-{i}") for i in range(workers)
     ]
     for proc in procs:
         proc.start()

@@ -20,6 +20,7 @@ import yaml
 from exporters.ledger.spool import SPOOL_DIR_NAME
 
 __all__ = [
+    "WORKER_INDEX_ENV",
     "ConfigError",
     "auth_secret_path",
     "DEFAULT_CONFIG_PATH",
@@ -60,6 +61,11 @@ _POSITIVE_INTS = {
     ("ledger", "max_pending"): 1,
     ("auth", "max_failures"): 1,
 }
+
+
+# Set by `paddle-meter serve --workers N` in each worker process: its index 0..N-1 (the
+# stable `worker` label of its series on /metrics, exporters/worker_metrics.py).
+WORKER_INDEX_ENV = "PADDLE_METER_WORKER"
 
 
 class ConfigError(ValueError):

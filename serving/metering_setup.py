@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from exporters.ledger import open_ledger
 from exporters.ledger.reader import LedgerReader
 from exporters.otel import Telemetry, TelemetryConfig, setup_telemetry
 from interceptors import MeteringCore, MeteringMiddleware, MeteringServerInterceptor
-from serving.config import ledger_options, ledger_url, pricing_path
+from serving.config import WORKER_INDEX_ENV, ledger_options, ledger_url, pricing_path
 from serving.errors import ServingError, http_headers, http_status
 
 __all__ = ["Metering", "build_metering"]
@@ -96,6 +97,8 @@ def build_metering(config: Mapping[str, Any], data_dir: Path) -> Metering:
     authenticator = Authenticator.from_config(config, data_dir)
     try:
         telemetry = setup_telemetry(TelemetryConfig.from_mapping(config["telemetry"]))
+        telemetry.merge_workers(int(os.environ.get(WORKER_INDEX_ENV, "0")),
+                                int(config["server"]["workers"]), data_dir / "metrics")
         url = ledger_url(config)
         ledger = open_ledger(url, **ledger_options(config, data_dir))
     except BaseException:
