@@ -75,6 +75,13 @@ METRIC_RESPONSE_SIZE: Final = "paddle_meter.response.size"  # By
 METRIC_RPC_SERVER_CALL_DURATION: Final = "rpc.server.call.duration"  # s
 METRIC_HTTP_SERVER_REQUEST_DURATION: Final = "http.server.request.duration"  # s
 METRIC_METER_ERRORS: Final = "paddle_meter.meter_errors"  # {error}
+# Billed usage beyond tokens, for dashboards and alerts (ledger figures, as the tokens are):
+# characters recognised (OCR), cost in the price table's currency (paddle_meter.currency),
+# and inputs cut to the model's limit (ERNIE max_seq_len).
+METRIC_CHARACTERS: Final = "paddle_meter.characters"  # {character}
+METRIC_COST: Final = "paddle_meter.cost"  # {currency unit}, with paddle_meter.currency
+METRIC_TRUNCATED_INPUTS: Final = "paddle_meter.truncated_inputs"  # {request}
+PADDLE_METER_CURRENCY: Final = "paddle_meter.currency"
 # Refused authentications and authorizations, by paddle_meter.auth.failure: {attempt}
 METRIC_AUTH_FAILURES: Final = "paddle_meter.auth.failures"
 # Calls refused by a budget or a rate limit, by paddle_meter.limit.refusal: {request}
@@ -83,6 +90,8 @@ METRIC_LIMIT_REFUSALS: Final = "paddle_meter.limit.refusals"
 # currency), by tenant, paddle_meter.budget.{id,metric,period}: gauges.
 METRIC_BUDGET_USED: Final = "paddle_meter.budget.used"
 METRIC_BUDGET_LIMIT: Final = "paddle_meter.budget.limit"
+# The amount at which a budget's soft limit warns (only budgets with a soft limit).
+METRIC_BUDGET_SOFT_LIMIT: Final = "paddle_meter.budget.soft_limit"
 # Ledger health (registered when the ledger implements exporters.ledger.base.ReportsHealth).
 METRIC_LEDGER_SPOOL_PENDING: Final = "paddle_meter.ledger.spool_pending"  # {record}, gauge
 METRIC_LEDGER_WRITE_FAILURES: Final = "paddle_meter.ledger.write_failures"  # {record}

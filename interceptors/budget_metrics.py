@@ -1,4 +1,4 @@
-"""Budgets as metrics: ``paddle_meter.budget.used`` and ``paddle_meter.budget.limit``.
+"""Budgets as metrics: ``paddle_meter.budget.used``, ``.limit`` and ``.soft_limit``.
 
 Registered by :class:`interceptors.core.MeteringCore` when it has a budget guard. Both
 are gauges observed at collection time from :meth:`billing.budget_guard.BudgetGuard.figures`
@@ -49,11 +49,16 @@ class BudgetMetrics:
             callbacks=[self._limit],
             description="Hard limit of each budget per period, in the same unit as used",
         )
+        meter.create_observable_gauge(
+            sc.METRIC_BUDGET_SOFT_LIMIT,
+            callbacks=[self._soft],
+            description="Where each budget's soft limit warns, in the same unit as used",
+        )
 
     def close(self) -> None:
         self._open = False
 
-    def _observe(self, used: bool) -> Iterable[Observation]:
+    def _observe(self, what: str) -> Iterable[Observation]:
         if not self._open:
             return ()
         try:
@@ -62,9 +67,14 @@ class BudgetMetrics:
             log.warning("budget figures unreadable: %s", type(exc).__name__,
                         extra={"error_type": type(exc).__name__})
             return ()
+        amounts = {
+            "used": lambda budget, counter: counter.used,
+            "limit": lambda budget, counter: budget.limit,
+            "soft": lambda budget, counter: budget.soft_threshold,
+        }[what]
         return [
             Observation(
-                _unit_value(budget, counter.used if used else budget.limit),
+                _unit_value(budget, amounts(budget, counter)),
                 {
                     sc.PADDLE_METER_TENANT: budget.tenant,
                     sc.PADDLE_METER_BUDGET_ID: budget.budget_id,
@@ -73,10 +83,14 @@ class BudgetMetrics:
                 },
             )
             for budget, _period, counter in figures
+            if amounts(budget, counter) is not None
         ]
 
     def _used(self, options: CallbackOptions) -> Iterable[Observation]:
-        return self._observe(True)
+        return self._observe("used")
 
     def _limit(self, options: CallbackOptions) -> Iterable[Observation]:
-        return self._observe(False)
+        return self._observe("limit")
+
+    def _soft(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._observe("soft")

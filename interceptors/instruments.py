@@ -161,6 +161,22 @@ class Instruments:
             unit="{attempt}",
             description="Calls refused by authentication or authorization, by reason (never billed)",
         )
+        # Per model call only (a few SDK measurements against milliseconds of inference).
+        self.characters = meter.create_counter(
+            sc.METRIC_CHARACTERS,
+            unit="{character}",
+            description="Billed recognised characters (OCR)",
+        )
+        self.cost = meter.create_counter(
+            sc.METRIC_COST,
+            unit="{currency}",
+            description="Billed cost in the price table's currency (paddle_meter.currency)",
+        )
+        self.truncated_inputs = meter.create_counter(
+            sc.METRIC_TRUNCATED_INPUTS,
+            unit="{request}",
+            description="Model calls whose input was cut to the model's limit (max_seq_len)",
+        )
         self.limit_refusals = meter.create_counter(
             sc.METRIC_LIMIT_REFUSALS,
             unit="{request}",

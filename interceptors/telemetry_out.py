@@ -120,6 +120,7 @@ def _record_metrics(
             ins.tokens.add(billed_in, (*base_key, sc.GEN_AI_TOKEN_TYPE_INPUT))
         if billed_out:
             ins.tokens.add(billed_out, (*base_key, sc.GEN_AI_TOKEN_TYPE_OUTPUT))
+        _record_usage(call, tenant_label)
     if model_call:
         attrs: dict[str, Any] = {
             sc.PADDLE_METER_PROTOCOL: call.protocol,
@@ -136,3 +137,19 @@ def _record_metrics(
         item for item in transport_attrs.items() if item[0] not in _NON_METRIC_TRANSPORT_ATTRS
     )
     duration.record(duration_s, labels, labels)
+
+
+def _record_usage(call: MeteredCall, tenant_label: str) -> None:
+    """Characters, cost and truncation of a call billed now (the record's figures)."""
+    usage, ins, record = call.usage, call.core.instruments, call.record
+    attrs: dict[str, Any] = {sc.GEN_AI_REQUEST_MODEL: usage.model,
+                             sc.PADDLE_METER_TENANT: tenant_label}
+    if usage.characters:
+        ins.characters.add(usage.characters, attrs)
+    if usage.truncated:
+        ins.truncated_inputs.add(1, attrs)
+    if record is not None and record.cost:
+        cost = float(record.cost)
+        if cost:
+            currency = getattr(call.core.pricebook, "currency", None) or "unknown"
+            ins.cost.add(cost, {**attrs, sc.PADDLE_METER_CURRENCY: currency})

@@ -43,13 +43,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 [ "$what" = test ] || exit 0
 
-# The CJK font the tests render invoices with.
-if [ ! -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ]; then
-    if [ "$(id -u)" = 0 ]; then
-        apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q fonts-wqy-zenhei >/dev/null
-    else
-        sudo apt-get update -q >/dev/null && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q fonts-wqy-zenhei >/dev/null
-    fi
+# Debian packages the tests use for real: the CJK font the tests render invoices with, and
+# Prometheus with promtool (alert rules checked and unit-tested, a real scrape of the server).
+debs=""
+[ -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] || debs="$debs fonts-wqy-zenhei"
+command -v promtool >/dev/null 2>&1 || debs="$debs prometheus"
+if [ -n "$debs" ]; then
+    sudo_=""
+    [ "$(id -u)" = 0 ] || sudo_=sudo
+    $sudo_ apt-get update -q >/dev/null
+    # shellcheck disable=SC2086
+    $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $debs >/dev/null
 fi
 
 scripts/setup_ps_client_venv.sh
