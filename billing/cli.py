@@ -12,6 +12,7 @@ or errors) carries a DSN password: ledger locations and messages go through reda
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -42,11 +43,21 @@ def _common(p: argparse.ArgumentParser, *, period_required: bool = True) -> None
 
 
 def add_subcommands(
-    subparsers: Any, *, default_ledger: str | None = None, default_timezone: str = "UTC"
+    subparsers: Any, *, default_ledger: str | None = None, default_timezone: str = "UTC",
+    trace_url_template: str | None = None,
 ) -> None:
-    """Register ``bill export``, ``bill reprice`` and ``report`` on an argparse subparsers."""
-    bill = subparsers.add_parser("bill", help="bill exports and repricing")
+    """Register ``bill export``, ``bill reprice``, ``bill show`` and ``report`` on an
+    argparse subparsers."""
+    bill = subparsers.add_parser("bill", help="bill exports, repricing, one request's record")
     bill_sub = bill.add_subparsers(dest="bill_command", required=True)
+
+    show = bill_sub.add_parser("show", help="a request's ledger record(s) and a link to its trace")
+    show.add_argument("request_id")
+    show.add_argument("--tenant", help="only this tenant's (ids are per tenant)")
+    show.add_argument("--ledger", default=argparse.SUPPRESS,
+                      help="ledger path or URL; default: the configured ledger")
+    show.set_defaults(func=_cmd_show, _default_ledger=default_ledger,
+                      _trace_url_template=trace_url_template)
 
     exp = bill_sub.add_parser("export", help="export ledger records of a period")
     _common(exp)
@@ -135,6 +146,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(f"exported {n} records to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    """Print each ledger record of the request id (JSON, one per line) and its trace link
+    (``telemetry.trace_url_template`` with ``{trace_id}`` / ``{span_id}``)."""
+    import json
+
+    from exporters.ledger.schema import RAW_COLUMNS, row_to_record
+
+    reader = _reader(args)
+    where, params = "request_id = ?", [args.request_id]
+    if args.tenant:
+        where, params = where + " AND tenant = ?", [*params, args.tenant]
+    rows = reader.fetch_all(
+        f"SELECT {', '.join(RAW_COLUMNS)} FROM usage_records WHERE {where} ORDER BY ts",
+        tuple(params))
+    if not rows:
+        raise ValueError(f"no ledger record with request id {args.request_id!r}"
+                         + (f" for tenant {args.tenant!r}" if args.tenant else ""))
+    template = args._trace_url_template
+    for row in rows:
+        record = row_to_record(row)
+        print(json.dumps(dataclasses.asdict(record), ensure_ascii=False, sort_keys=True))
+        if record.trace_id:
+            link = (template.format(trace_id=record.trace_id, span_id=record.span_id or "")
+                    if template else f"trace_id {record.trace_id} (set telemetry.trace_url_template "
+                    "for a link)")
+            print(f"trace: {link}")
     return 0
 
 

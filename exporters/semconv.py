@@ -10,6 +10,11 @@ from __future__ import annotations
 from typing import Final
 
 # --- GenAI semantic conventions -------------------------------------------------------
+# Pinned: OpenTelemetry GenAI semantic conventions v1.37.0, where gen_ai.provider.name
+# replaced gen_ai.system. Our provider value is "paddle" (a PaddlePaddle model served here).
+GEN_AI_SEMCONV_VERSION: Final = "1.37.0"
+GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"
+GEN_AI_PROVIDER_PADDLE: Final = "paddle"
 GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
 GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
 GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"

@@ -70,6 +70,7 @@ def _set_span(
     if call.identity is not None:
         attrs[sc.PADDLE_METER_API_KEY_ID] = call.identity.key_id
     if usage.model is not None:
+        attrs[sc.GEN_AI_PROVIDER_NAME] = sc.GEN_AI_PROVIDER_PADDLE
         attrs[sc.GEN_AI_REQUEST_MODEL] = usage.model
         attrs[sc.GEN_AI_USAGE_INPUT_TOKENS] = usage.input_tokens
         attrs[sc.GEN_AI_USAGE_OUTPUT_TOKENS] = usage.output_tokens
@@ -124,6 +125,7 @@ def _record_metrics(
     if model_call:
         attrs: dict[str, Any] = {
             sc.PADDLE_METER_PROTOCOL: call.protocol,
+            sc.GEN_AI_PROVIDER_NAME: sc.GEN_AI_PROVIDER_PADDLE,
             sc.GEN_AI_REQUEST_MODEL: usage.model,
         }
         if usage.operation is not None:

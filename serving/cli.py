@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     # ($PADDLE_METER_CONFIG merged over the default), unless --ledger names another.
     config = load_config(os.environ.get("PADDLE_METER_CONFIG"))
     add_subcommands(sub, default_ledger=ledger_url(config),
+                    trace_url_template=config["billing"]["trace_url_template"],
                     default_timezone=config["billing"]["timezone"])
     add_key_subcommands(sub, config=config)
     add_budget_subcommands(sub, config=config)
