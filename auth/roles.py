@@ -35,7 +35,7 @@ class Permission(enum.Enum):
     OPEN = "open"  # no key needed (health, readiness; /metrics unless configured)
     AUTHENTICATED = "authenticated"  # any valid key (metadata, unknown routes)
     CALL_MODEL = "call_model"  # inference and tokenize
-    READ_USAGE = "read_usage"  # /v1/usage, /v1/budgets and bills
+    READ_USAGE = "read_usage"  # /v1/usage, /v1/budgets, /v1/dashboard and bills
     MANAGE_KEYS = "manage_keys"  # /v1/keys
 
 
@@ -91,9 +91,12 @@ _HTTP: Final = (
     (None, re.compile(r"/v2/health/(live|ready)"), Permission.OPEN),
     (None, re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/ready"), Permission.OPEN),
     (None, re.compile(r"/metrics|/favicon\.ico"), Permission.OPEN),
+    # The dashboard's page holds no data: its figures come from /v1/dashboard (a key).
+    ("GET", re.compile(r"/dashboard"), Permission.OPEN),
     ("POST", re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer"), Permission.CALL_MODEL),
     ("POST", re.compile(r"/v1/tokenize"), Permission.CALL_MODEL),
-    (None, re.compile(r"/v1/usage|/v1/budgets|/v1/bills?(/.*)?"), Permission.READ_USAGE),
+    (None, re.compile(r"/v1/usage|/v1/budgets|/v1/dashboard|/v1/bills?(/.*)?"),
+     Permission.READ_USAGE),
     (None, re.compile(r"/v1/keys(/.*)?"), Permission.MANAGE_KEYS),
     (None, re.compile(r"/v[12](/.*)?|/docs.*|/openapi\.json|/redoc"), Permission.AUTHENTICATED),
     # Paddle Serving's pipeline gateway: POST /{name}/{method}

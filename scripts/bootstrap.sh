@@ -44,10 +44,12 @@ fi
 [ "$what" = test ] || exit 0
 
 # Debian packages the tests use for real: the CJK font the tests render invoices with, and
-# Prometheus with promtool (alert rules checked and unit-tested, a real scrape of the server).
+# Prometheus with promtool (alert rules checked and unit-tested, a real scrape of the server),
+# Chromium and its driver (the built-in dashboard in a real headless browser).
 debs=""
 [ -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] || debs="$debs fonts-wqy-zenhei"
 command -v promtool >/dev/null 2>&1 || debs="$debs prometheus"
+command -v chromedriver >/dev/null 2>&1 || debs="$debs chromium chromium-driver"
 if [ -n "$debs" ]; then
     sudo_=""
     [ "$(id -u)" = 0 ] || sudo_=sudo

@@ -1,7 +1,7 @@
 """Assemble metering for a serving process from config: telemetry, ledger, prices, core.
 
 Returns the pieces the transports need (gRPC interceptors, an ASGI wrapper, extra HTTP
-routes: ``/metrics``, ``/v1/usage``, ``/v1/budgets`` and ``/v1/keys``) and one ``shutdown``
+routes: ``/metrics``, ``/v1/usage``, ``/v1/budgets``, ``/dashboard`` and ``/v1/keys``) and one ``shutdown``
 that flushes them in order: the core first (no new records), the budget guard, then telemetry, then the ledger (everything
 durable), then the key cache (its last-used times). The authenticator (auth/) is built
 first: with ``auth.mode: required`` a server that cannot read its keys does not start.
@@ -26,6 +26,7 @@ from auth.authenticator import Authenticator
 from auth.roles import Permission
 from billing.budget_api import make_budgets_router
 from billing.budget_guard import BudgetGuard
+from billing.dashboard import make_dashboard_router
 from billing.pricing import PriceBook
 from billing.usage_api import make_usage_router
 from exporters.ledger import open_ledger
@@ -119,10 +120,13 @@ def build_metering(config: Mapping[str, Any], data_dir: Path) -> Metering:
     if telemetry.config.prometheus:
         routers.append(_metrics_router(telemetry, authenticator))
     if not url.startswith("jsonl://"):
+        reader = functools.cache(lambda: LedgerReader(url))
         routers.append(
-            make_usage_router(functools.cache(lambda: LedgerReader(url)), authenticator,
-                              timezone=config["billing"]["timezone"])
+            make_usage_router(reader, authenticator, timezone=config["billing"]["timezone"])
         )
+        routers.append(make_dashboard_router(
+            reader, authenticator, timezone=config["billing"]["timezone"],
+            currency=prices.currency, get_store=lambda: guard.store if guard else None))
     return Metering(
         core,
         telemetry,
