@@ -10,8 +10,7 @@ loopback only with auth off). The page asks for the key once and keeps it in the
 The figures come from the ledger, as the bill does: the last minute from its raw records,
 today and this month (days of ``billing.timezone``) by tenant and model from its minute
 rollups (exact cost, in micro-units summed), with unit cost; latency percentiles of the last hour's records; budgets from the
-budget tables. Anomalies will come from the built-in detector (not built yet; the page
-says so).
+budget tables; recent anomalies from the built-in detector's table (billing/anomalies.py).
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
+from billing.anomalies import recent_anomalies
 from billing.budget_view import budget_rows
 from billing.periods import load_zone, utc_minute_key
 from billing.usage_api import readable_tenant
@@ -108,7 +108,7 @@ def dashboard_data(reader: LedgerReader, *, timezone: str, currency: str,
         "month": periods["month"],
         "latency_last_hour": latency,
         "budgets": budgets,
-        "anomalies": None,  # the built-in anomaly detector is not built yet
+        "anomalies": recent_anomalies(reader, tenant=tenant),
     }
 
 

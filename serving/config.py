@@ -192,6 +192,12 @@ def _validate_billing(config: dict[str, Any]) -> None:
         parse_rate_limits(config["rate_limits"])
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    from billing.anomalies import parse_settings
+
+    try:
+        parse_settings(config["anomalies"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     for key in ("ocr_estimate_chars_per_image", "refresh_s", "reconcile_interval_s",
                 "reservation_ttl_s"):
         value = config["budgets"][key]

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from auth.api import make_keys_router
 from auth.authenticator import Authenticator
 from auth.roles import Permission
+from billing.anomalies import EVENT_ANOMALY, Anomaly, AnomalyDetector, detector_from_config
 from billing.budget_api import make_budgets_router
 from billing.budget_guard import BudgetGuard
 from billing.dashboard import make_dashboard_router
@@ -49,10 +50,14 @@ class Metering:
     http_routers: list[APIRouter]
     authenticator: Authenticator | None = None
     guard: BudgetGuard | None = None
+    detector: AnomalyDetector | None = None
 
     def shutdown(self) -> None:
         """Flush and close everything; idempotent (each part is)."""
         self.core.close()
+        if self.detector is not None:
+            self.detector.close()
+            self.detector = None
         if self.guard is not None:
             self.guard.close()
             self.guard = None
@@ -89,6 +94,14 @@ def _metrics_router(telemetry: Telemetry, authenticator: Authenticator) -> APIRo
     return router
 
 
+def _anomaly_span(telemetry: Telemetry, anomaly: Anomaly) -> None:
+    """An anomaly as a short span of its own with the event (for trace-based alerting)."""
+    with telemetry.tracer.start_as_current_span(EVENT_ANOMALY) as span:
+        span.add_event(EVENT_ANOMALY, {"rule": anomaly.rule, "paddle_meter.tenant": anomaly.tenant,
+                                       "value": anomaly.value, "threshold": anomaly.threshold,
+                                       "summary": anomaly.summary})
+
+
 def build_metering(config: Mapping[str, Any], data_dir: Path) -> Metering:
     """Build from config; blocks while the ledger connects and migrates."""
     settings = config["metering"]
@@ -119,6 +132,11 @@ def build_metering(config: Mapping[str, Any], data_dir: Path) -> Metering:
                                            timezone=guard.zone.key, currency=guard.currency))
     if telemetry.config.prometheus:
         routers.append(_metrics_router(telemetry, authenticator))
+    detector = detector_from_config(
+        config, url, spool_pending=lambda: ledger.health().spool_pending,
+        on_anomaly=functools.partial(_anomaly_span, telemetry))
+    if detector is not None:
+        detector.start()
     if not url.startswith("jsonl://"):
         reader = functools.cache(lambda: LedgerReader(url))
         routers.append(
@@ -136,4 +154,5 @@ def build_metering(config: Mapping[str, Any], data_dir: Path) -> Metering:
         routers,
         authenticator,
         guard,
+        detector,
     )

@@ -408,6 +408,23 @@ def _budgets_ddl(dialect: str) -> list[str]:
     ]
 
 
+def _anomalies_ddl(dialect: str) -> list[str]:
+    """v7: anomalies the built-in detector raised (billing/anomalies.py), one row each;
+    every worker and replica checks this table before raising one (cooldown)."""
+    serial = (
+        "BIGSERIAL PRIMARY KEY" if dialect == "postgresql" else "INTEGER PRIMARY KEY AUTOINCREMENT"
+    )
+    real = "DOUBLE PRECISION" if dialect == "postgresql" else "REAL"
+    return [
+        f"CREATE TABLE IF NOT EXISTS anomalies (id {serial}, rule TEXT NOT NULL, "
+        f"tenant TEXT NOT NULL, detected_at TEXT NOT NULL, value {real} NOT NULL, "
+        f"threshold {real} NOT NULL, summary TEXT NOT NULL, details TEXT NOT NULL, "
+        "delivered TEXT)",
+        "CREATE INDEX IF NOT EXISTS anomalies_rule ON anomalies (rule, tenant, detected_at)",
+        "CREATE INDEX IF NOT EXISTS anomalies_detected ON anomalies (detected_at)",
+    ]
+
+
 # (version, description, DDL builder). Append only: released versions never change.
 MIGRATIONS: tuple[tuple[int, str, Callable[[str], list[str]]], ...] = (
     (1, "usage_records", _raw_ddl),
@@ -416,6 +433,7 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[str], list[str]]], ...] = (
     (4, "per-tenant billing key, request_replays, bill_audit tenant", _per_tenant_key_ddl),
     (5, "api_keys, key_events, auth_meta", _keys_ddl),
     (6, "budgets, budget_counters, budget_reservations, rate_buckets", _budgets_ddl),
+    (7, "anomalies", _anomalies_ddl),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
