@@ -10,9 +10,11 @@ through Prometheus's HTTP API.
   backfilled with ``promtool tsdb create-blocks-from openmetrics``: tenant finance used 0.1
   tokens/s yesterday; today it sends 100 over-long texts (64 tokens each, truncated), so both
   surge alerts go pending, the over-long flood alert fires, a spent budget fires its soft and
-  hard alerts, and a tenant whose calls fail makes the error-burst alert pending. The ledger
-  and metering-error alerts need faults this test does not inject: their firing is unit
-  tested in tests/test_prometheus_rules.py.
+  hard alerts, a tenant whose calls fail makes the error-burst alert pending, and while the
+  test holds the SQLite ledger's write lock, calls are still served with their records
+  spooled and the spool-backlog alert goes pending. Ledger write failures (database AND
+  spool refusing) and metering errors need faults this test does not inject: their firing
+  is unit tested in tests/test_prometheus_rules.py.
 
 The demo ERNIE is untrained (no weights are reachable here): only its token counts matter.
 """
@@ -23,6 +25,7 @@ import base64
 import json
 import math
 import shutil
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -66,7 +69,9 @@ def stack(tmp_path_factory):
     demo = make_demo_ernie(work / "ernie-demo")
     config = {
         "models": {"ocr": {"kind": "ocr"}, "ernie": ernie_model(demo)},
-        "ledger": {"url": str(work / "ledger.sqlite3")},
+        # A short busy timeout: while the test holds the database's write lock, records
+        # go to the spool at once (the spool-backlog alert's scenario).
+        "ledger": {"url": str(work / "ledger.sqlite3"), "busy_timeout_ms": 200},
         "budgets": {"refresh_s": 1, "limits": [
             {"tenant": "spent", "period": "day", "limit_requests": 3, "soft": 0.5}]},
     }
@@ -92,8 +97,9 @@ def stack(tmp_path_factory):
         try:
             _wait_until(lambda: _ready(url), "prometheus to be ready", 60)
             _traffic(server)
+            spooling = _spool_while_locked(server, url, work / "ledger.sqlite3")
             time.sleep(6)  # a few scrapes and rule evaluations after the traffic
-            yield url, server
+            yield url, server, spooling
         finally:
             prom.terminate()
             prom.wait(30)
@@ -121,16 +127,61 @@ def _traffic(server) -> None:
                           headers={"x-tenant": tenant, "x-request-id": uuid.uuid4().hex}
                           ).status_code
 
-    # A counter's increase counts from its first scraped value: create the series first.
-    assert ernie("finance", LONG) == 200
-    time.sleep(2)
-    assert [ernie("finance", LONG) for _ in range(99)] == [200] * 99
+    # A counter's increase counts from its first scraped value, and each worker has its own
+    # series: create finance's on both workers first, let Prometheus scrape them, then surge.
+    _prime(server, "paddle_meter_truncated_inputs_total", "finance",
+           lambda: ernie("finance", LONG) == 200)
+    _prime(server, "paddle_meter_requests_total", "broken",
+           lambda: ocr("broken", b"not an image") == 400)
+    time.sleep(3)
+    assert [ernie("finance", LONG) for _ in range(100)] == [200] * 100
     for i in range(3):  # apart, for the same reason
         assert ocr("finance", render_line(f"INVOICE {i} TOTAL 12.50")) == 200
         time.sleep(1.5)
     assert [ernie("spent", "付款") for _ in range(4)] == [200, 200, 200, 429]
     assert set(ocr("broken", b"not an image") for _ in range(40)) == {400}
     assert ernie("broken", "ok") == 200
+
+
+def _prime(server, family: str, tenant: str, call) -> None:
+    """Call until ``family`` has a series of ``tenant`` on both workers."""
+    for _ in range(40):
+        assert call()
+        if _on_both_workers(server, family, tenant):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{family} of {tenant} never reached both workers")
+
+
+def _on_both_workers(server, family: str, tenant: str) -> bool:
+    text = httpx.get(f"{server.http_url}/metrics", timeout=10).text
+    workers = {line.split('worker="')[1].split('"')[0] for line in text.splitlines()
+               if line.startswith(family + "{") and f'paddle_meter_tenant="{tenant}"' in line}
+    return workers == {"0", "1"}
+
+
+def _spool_while_locked(server, url: str, ledger: Path) -> set[str]:
+    """Hold the ledger's write lock while calls are served (their records are spooled);
+    returns the alert states of the spool-backlog alert seen meanwhile."""
+    lock = sqlite3.connect(ledger, timeout=5, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    states: set[str] = set()
+    try:
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
+                            "data": ["账单 spooled"]}]}
+        for _ in range(3):
+            reply = httpx.post(f"{server.http_url}/v2/models/ernie/infer", json=body, timeout=60,
+                               headers={"x-tenant": "finance"})
+            assert reply.status_code == 200  # served: the record is durable in the spool
+        deadline = time.monotonic() + 20
+        while not states and time.monotonic() < deadline:
+            states = {a["metric"]["alertstate"] for a in _query(
+                url, 'ALERTS{alertname="PaddleMeterLedgerSpoolBacklog"}')}
+            time.sleep(0.5)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    return states
 
 
 def _query(url: str, expr: str) -> list[dict]:
@@ -144,7 +195,7 @@ def _has_data(result: list[dict]) -> bool:
 
 
 def test_every_dashboard_panel_returns_data(stack):
-    url, _ = stack
+    url, _, _ = stack
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     empty = []
     queried = 0
@@ -161,7 +212,8 @@ def test_every_dashboard_panel_returns_data(stack):
 
 
 def test_rules_evaluate_and_the_scenario_raises_its_alerts(stack):
-    url, _ = stack
+    url, _, spooling = stack
+    assert spooling == {"pending"}  # records spooled while the database refused writes
     groups = httpx.get(f"{url}/api/v1/rules", timeout=30).json()["data"]["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
     assert len(rules) == 13
