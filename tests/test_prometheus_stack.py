@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -236,6 +237,17 @@ def test_rules_evaluate_and_the_scenario_raises_its_alerts(stack):
     assert want <= active, f"missing: {want - active}; active: {active}"
     # Tenants that did nothing unusual raise nothing.
     assert not {a for a in active if a[1] in ("spent",) and "Surge" in a[0]}
+    # Every alert's measured quantity (its expression's left operand) returns data, so no
+    # alert watches a metric name that does not exist. Metering errors are the exception:
+    # their counter has no series until metering fails, which no outside input can cause.
+    quiet = []
+    for rule in rules:
+        if rule["type"] != "alerting" or rule["name"] == "PaddleMeterMeteringErrors":
+            continue
+        measured = re.split(r"\s(?:>=|>)\s", rule["query"], maxsplit=1)[0]
+        if not _query(url, measured):
+            quiet.append(f"{rule['name']}: {measured}")
+    assert quiet == []
     firing = {(a["metric"]["alertname"], a["metric"].get("paddle_meter_tenant"))
               for a in _query(url, 'ALERTS{alertstate="firing"}')}
     assert ("PaddleMeterOverlongInputFlood", "finance") in firing  # no `for`: fires at once
