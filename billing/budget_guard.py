@@ -35,7 +35,14 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from billing.budget_store import BucketTake, BudgetStore, BudgetStoreError, Claim, Counter
+from billing.budget_store import (
+    BucketTake,
+    BudgetStore,
+    BudgetStoreError,
+    Claim,
+    Counter,
+    Refused,
+)
 from billing.budgets import (
     Budget,
     RateLimits,
@@ -336,7 +343,7 @@ class BudgetGuard:
             )
         return reservation
 
-    def _refusal(self, refused: Any, started_at: _dt.datetime) -> ServingError:
+    def _refusal(self, refused: Refused, started_at: _dt.datetime) -> ServingError:
         if refused.claim is not None:
             claim, counter = refused.claim, refused.counter
             message = budget_refusal_message(

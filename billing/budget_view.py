@@ -7,7 +7,7 @@ import datetime as _dt
 from typing import Any
 
 from billing.budget_store import BudgetStore
-from billing.budgets import Budget, format_amount
+from billing.budgets import Budget, format_cost
 from billing.periods import calendar_period, load_zone
 
 __all__ = ["budget_rows"]
@@ -16,7 +16,7 @@ __all__ = ["budget_rows"]
 def _figure(budget: Budget, amount: int) -> Any:
     """Cost in currency units (a decimal string, exact); other metrics as integers."""
     if budget.metric == "cost":
-        return format_amount("cost", amount, "").strip()
+        return format_cost(amount)
     return amount
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "budget_id",
     "budget_refusal_message",
     "format_amount",
+    "format_cost",
     "metric_of_record",
     "parse_budget",
     "parse_budgets_config",
@@ -127,15 +128,17 @@ def format_amount(metric: str, amount: int, currency: str) -> str:
     return f"{amount:,} {_UNIT_WORDS[metric]}"
 
 
-def _figure(metric: str, amount: int) -> str:
-    """Cost exactly (micro-units), with at least 2 decimals: '500.00', '0.0144'; other
-    metrics as integers. Rounding a small budget to cents would hide why a call is refused."""
-    if metric != "cost":
-        return f"{amount:,}"
-    value = Decimal(amount) / _MICROS
+def format_cost(micros: int) -> str:
+    """A cost in micro-units, exactly, with at least 2 decimals: '500.00', '0.0144'.
+    Rounding a small budget to cents would hide why a call is refused."""
+    value = Decimal(micros) / _MICROS
     if value == value.quantize(Decimal("0.01")):
         return str(value.quantize(Decimal("0.01")))
     return str(value.quantize(Decimal("0.000001")).normalize())
+
+
+def _figure(metric: str, amount: int) -> str:
+    return format_cost(amount) if metric == "cost" else f"{amount:,}"
 
 
 def budget_refusal_message(
