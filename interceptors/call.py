@@ -35,6 +35,7 @@ from interceptors.billing_policy import (
     refusal_status,
     settle,
 )
+from interceptors.model_statistics import CallClock, bind_clock, unbind_clock
 from interceptors.record import build_record
 from interceptors.request_id import resolve_request_id
 from interceptors.response_meta import usage_metadata
@@ -84,6 +85,7 @@ class MeteredCall:
         "auth_refusal",
         "limit_refusal",
         "reservation",
+        "clock",
         "_auth_carrier",
         "_request_id",
         "_start_ns",
@@ -121,11 +123,13 @@ class MeteredCall:
         # A budget / rate-limit refusal (never billed) and the reservation held otherwise.
         self.limit_refusal: ServingError | None = None
         self.reservation: Reservation | None = None
+        # Stage durations the serving code adds (interceptors/model_statistics.py).
+        self.clock = CallClock()
         self._auth_carrier: tuple[Mapping[str, str], str | None] | None = None
         self._request_id: str | None = None
         self._start_ns = time.perf_counter_ns()
         self._finished = False
-        self._tokens: tuple[Any, Any] | None = None
+        self._tokens: tuple[Any, ...] | None = None
 
     def activate(self) -> MeteredCall:
         """``with call.activate():`` makes the server span current and binds the usage
@@ -140,13 +144,14 @@ class MeteredCall:
         identity = (
             auth_context.bind_identity(self.identity) if self.identity is not None else None
         )
-        self._tokens = (otel_token, binding, identity)
+        self._tokens = (otel_token, binding, identity, bind_clock(self.clock))
         return self.usage
 
     def __exit__(self, *exc_info: object) -> None:
         assert self._tokens is not None
-        otel_token, binding, identity = self._tokens
+        otel_token, binding, identity, clock = self._tokens
         self._tokens = None
+        unbind_clock(clock)
         if identity is not None:
             auth_context.reset_identity(identity)
         binding.__exit__(None, None, None)
@@ -293,6 +298,17 @@ class MeteredCall:
                 final_status, key, value = refusal_status(self.protocol, refusal.kind)
                 attrs[key] = value
                 call_ok, error_message = False, refusal.message
+            elif self.record is not None:  # Triton's statistics: what the ledger holds
+                try:
+                    core.model_stats.observe(
+                        self.record.model,
+                        self.record.model_version,
+                        ok=call_ok,
+                        duration_ns=int(duration_s * 1e9),
+                        clock=self.clock,
+                    )
+                except Exception as exc:
+                    core.count_error("model_stats", exc, self.request_id)
         if self.reservation is not None:
             await self._settle_reservation()
         try:

@@ -52,6 +52,7 @@ from interceptors.budget_metrics import BudgetMetrics
 from interceptors.call import MeteredCall
 from interceptors.instruments import Instruments, TenantCap
 from interceptors.ledger_metrics import LedgerMetrics
+from interceptors.model_statistics import PROCESS_STATISTICS, ModelStatistics
 from interceptors.request_id import carried_request_id, carried_tenant
 from models import usage as usage_mod
 from models.usage import RequestUsage
@@ -109,6 +110,8 @@ class MeteringCore:
     (models.usage), so the most recently built enabled core owns it until :meth:`close`.
     ``tenant_labels`` maps tenants to metric labels (capped at ``tenant_cap``).
     ``max_replays``: how often one (tenant, request id) may be replayed (billing_policy.py).
+    ``model_stats``: where Triton's per-model statistics are counted (default: the
+    process's, interceptors/model_statistics.py, which the OIP frontends read).
     A ledger implementing ReportsHealth is asked ``can_accept()`` at each call's start and
     its health is exported as metrics (interceptors/ledger_metrics.py).
     """
@@ -126,6 +129,7 @@ class MeteringCore:
         max_replays: int = DEFAULT_MAX_REPLAYS,
         authenticator: Authenticator | None = None,
         guard: BudgetGuard | None = None,
+        model_stats: ModelStatistics | None = None,
     ) -> None:
         if enabled and telemetry is None:
             raise ValueError("an enabled MeteringCore needs a Telemetry (see setup_telemetry)")
@@ -141,6 +145,8 @@ class MeteringCore:
         # Only a ``required`` authenticator admits calls; ``off`` keeps the tenant resolver.
         self.auth = authenticator if authenticator is not None and authenticator.required else None
         self.tenant_labels = TenantCap(tenant_cap)
+        # Triton's statistics extension, counted where each call's ledger record is made.
+        self.model_stats = PROCESS_STATISTICS if model_stats is None else model_stats
         # Budgets and rate limits (billing/budget_guard.py): reserved before inference.
         self.guard = guard
         # Checked once here: isinstance against a runtime Protocol is slow per call.

@@ -58,6 +58,8 @@ _OPERATION_BY_OIP_METHOD = {
     "ModelReady": "health",
     "ServerMetadata": "metadata",
     "ModelMetadata": "metadata",
+    "ModelConfig": "metadata",
+    "ModelStatistics": "metadata",
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from interceptors.model_statistics import timed
 from models.usage import current_usage
 from serving.codecs.base import Codec, digest
 from serving.model_host import ModelHost, ServedModel
@@ -36,7 +37,8 @@ async def run_model(
             usage.request_id = request_id
         usage.model_version = served.version
         usage.operation = served.operation
-    items, payloads = decode(served.codec)
+    with timed("compute_input"):
+        items, payloads = decode(served.codec)
     if usage is not None:
         usage.content_sha256 = digest(payloads)
         if usage.admission_hook is not None:  # budgets / rate limits: reserve or refuse

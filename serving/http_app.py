@@ -18,14 +18,23 @@ nothing here knows about it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from interceptors.asgi import default_skip
+from interceptors.model_statistics import PROCESS_STATISTICS, ModelStatistics
 from models.usage import current_usage
 from serving import oip
 from serving.dispatch import tokenize
@@ -186,7 +195,9 @@ def _oip_response(result: oip.InferResult, request_id: Any) -> Response:
     )
 
 
-def _oip_router(host: ModelHost, ready: Callable[[], bool], max_depth: int) -> APIRouter:
+def _oip_router(
+    host: ModelHost, ready: Callable[[], bool], max_depth: int, statistics: ModelStatistics
+) -> APIRouter:
     router = APIRouter()
 
     @router.get("/v2/health/live")
@@ -202,11 +213,31 @@ def _oip_router(host: ModelHost, ready: Callable[[], bool], max_depth: int) -> A
     async def server_metadata() -> dict[str, Any]:
         return oip.server_metadata()
 
+    # Before /v2/models/{name}: "stats" is this route, not a model name (as in Triton).
+    @router.get("/v2/models/stats")
+    @router.get("/v2/models/{name}/stats")
+    @router.get("/v2/models/{name}/versions/{version}/stats")
+    async def model_statistics(
+        request: Request, name: str | None = None, version: str | None = None
+    ) -> Response:
+        try:
+            return JSONResponse(oip.model_statistics(host, name, version, statistics))
+        except Exception as exc:
+            return _error(exc, request)
+
     @router.get("/v2/models/{name}")
     @router.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, request: Request, version: str | None = None) -> Response:
         try:
-            return JSONResponse(oip.model_metadata(host, name))
+            return JSONResponse(oip.model_metadata(host, name, version))
+        except Exception as exc:
+            return _error(exc, request)
+
+    @router.get("/v2/models/{name}/config")
+    @router.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, request: Request, version: str | None = None) -> Response:
+        try:
+            return JSONResponse(oip.model_config(host, name, version))
         except Exception as exc:
             return _error(exc, request)
 
@@ -214,7 +245,7 @@ def _oip_router(host: ModelHost, ready: Callable[[], bool], max_depth: int) -> A
     @router.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, request: Request, version: str | None = None) -> Response:
         try:
-            answer = oip.model_ready(host, name)
+            answer = oip.model_ready(host, name, version)
         except Exception as exc:
             return _error(exc, request)
         return JSONResponse(answer, status_code=200 if answer["ready"] else 503)
@@ -237,12 +268,76 @@ def _oip_router(host: ModelHost, ready: Callable[[], bool], max_depth: int) -> A
                 outputs=_requested_outputs(document),
                 binary_default=bool(params.get("binary_data_output", False)),
                 request_id=str(request_id) if request_id else None,
+                version=version,
             )
             return _oip_response(result, request_id)
         except Exception as exc:
             return _error(exc, request)
 
+    oip_routes = list(router.routes)
+
+    # Last: anything else under /v2 is answered the OIP way, {"error": ...}, never by the
+    # pipeline's /{name}/{method} nor with FastAPI's {"detail": ...}.
+    @router.api_route("/v2/{rest:path}", methods=_ALL_METHODS, include_in_schema=False)
+    async def unknown_oip_route(rest: str, request: Request) -> Response:
+        return _unknown_route(request, oip_routes)
+
+    @router.api_route("/v2", methods=_ALL_METHODS, include_in_schema=False)
+    async def unknown_oip_method(request: Request) -> Response:
+        return _unknown_route(request, oip_routes)
+
     return router
+
+
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# Triton's REST extensions paddle-meter does not offer: 501, as gRPC answers UNIMPLEMENTED.
+_TRITON_UNOFFERED = re.compile(
+    r"/v2/(repository|systemsharedmemory|cudasharedmemory|trace|logging)(/.*)?"
+    r"|/v2/models/[^/]+(/versions/[^/]+)?/(trace/setting|generate|generate_stream)"
+)
+
+
+def _unknown_route(request: Request, routes: list[Any]) -> Response:
+    """404 for a path under /v2 that no OIP route has; 405 (with ``Allow``) for one that
+    exists with other methods. Both ``{"error": ...}``."""
+    allowed: set[str] = set()
+    for route in routes:
+        match, _ = route.matches(request.scope)
+        if match is Match.PARTIAL:  # the path is there, for other methods
+            allowed |= set(route.methods or ())
+    method, path = request.method, request.url.path
+    if _TRITON_UNOFFERED.fullmatch(path):
+        return JSONResponse(
+            {"error": f"{path} (a Triton extension) is not offered by paddle-meter"},
+            status_code=http_status("unimplemented"),
+        )
+    if allowed:
+        return JSONResponse(
+            {
+                "error": f"method {method} is not allowed on {path}; use {', '.join(sorted(allowed))}"
+            },
+            status_code=405,
+            headers={"Allow": ", ".join(sorted(allowed))},
+        )
+    return JSONResponse({"error": f"no OIP v2 endpoint at {method} {path}"}, status_code=404)
+
+
+def _is_oip_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+async def _oip_http_exception(request: Request, exc: Exception) -> Response:
+    """FastAPI's own errors (a route's 404 / 405 / 422) on an OIP path: ``{"error": ...}``."""
+    if not _is_oip_path(request.url.path):
+        if isinstance(exc, RequestValidationError):
+            return await request_validation_exception_handler(request, exc)
+        return await http_exception_handler(request, exc)
+    if isinstance(exc, RequestValidationError):
+        return JSONResponse({"error": f"invalid request: {exc.errors()}"}, status_code=422)
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse(
+        {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+    )
 
 
 async def _json_object(request: Request, shape: str, max_depth: int) -> dict[str, Any]:
@@ -458,12 +553,17 @@ def build_http_app(
     extra_routers: list[APIRouter] = (),
     ready: Callable[[], bool] | None = None,
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
+    statistics: ModelStatistics = PROCESS_STATISTICS,
 ) -> FastAPI:
     """The FastAPI app; ``extra_routers`` (metrics, usage, tokenize) go before the pipeline's
     catch-all ``/{name}/{method}`` so it cannot shadow them. ``ready`` answers
-    ``/v2/health/ready`` (default: every model is ready)."""
+    ``/v2/health/ready`` (default: every model is ready); ``statistics`` is what the
+    statistics extension reports (default: this process's, fed by the metering core).
+    Every error under ``/v2`` is OIP's ``{"error": ...}``."""
     app = FastAPI(title=SERVER_NAME, version=SERVER_VERSION, docs_url="/docs", redoc_url=None)
-    app.include_router(_oip_router(host, ready or host.all_ready, max_json_depth))
+    app.add_exception_handler(StarletteHTTPException, _oip_http_exception)
+    app.add_exception_handler(RequestValidationError, _oip_http_exception)
+    app.include_router(_oip_router(host, ready or host.all_ready, max_json_depth, statistics))
     app.include_router(_tokenize_router(host, max_json_depth))
     for router in extra_routers:
         app.include_router(router)

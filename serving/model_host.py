@@ -30,9 +30,11 @@ import contextvars
 import importlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from interceptors.model_statistics import current_clock
 from models.base import ModelAdapter, ModelError, Overloaded, TokenCount
 from models.usage import UsageEstimate
 from serving.codecs import Codec, codec_for_kind
@@ -58,6 +60,20 @@ def _adapter_class(kind: str) -> type[ModelAdapter]:
             f"unknown model kind {kind!r}; known kinds: {', '.join(_ADAPTERS)}"
         ) from None
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def _timed_infer(infer: Callable[[list[Any]], Any], batch: list[Any], submitted_ns: int) -> Any:
+    """``infer(batch)`` on a pool thread, adding the wait for the thread (``queue``) and
+    the inference (``compute_infer``) to the call's clock, when it has one."""
+    clock = current_clock()
+    if clock is None:
+        return infer(batch)
+    started = time.perf_counter_ns()
+    clock.add("queue", started - submitted_ns)
+    try:
+        return infer(batch)
+    finally:
+        clock.add("compute_infer", time.perf_counter_ns() - started)
 
 
 class BoundedExecutor(concurrent.futures.Executor):
@@ -143,7 +159,10 @@ class ServedModel:
     async def run(self, batch: Sequence[Any]) -> list[Any]:
         """Infer a batch off the event loop; raise the first item's error as ServingError."""
         adapter = self.adapter
+        clock = current_clock()  # Triton's queue / compute_infer statistics
+        submitted = time.perf_counter_ns()
         if adapter.uses_infer_async:  # adapters with their own dynamic batching
+            # Their batcher's queue is inside the adapter: all of it counts as compute_infer.
             work = asyncio.gather(
                 *(adapter.infer_async(item) for item in batch), return_exceptions=True
             )
@@ -152,12 +171,14 @@ class ServedModel:
             ctx = contextvars.copy_context()
             try:
                 work = loop.run_in_executor(
-                    self._executor, ctx.run, self.adapter.infer, list(batch)
+                    self._executor, ctx.run, _timed_infer, adapter.infer, list(batch), submitted
                 )
             except ModelError as exc:  # Overloaded: every slot is held
                 raise ServingError(exc.kind, str(exc)) from None
         try:
             results = await asyncio.wait_for(work, self._timeout_s)
+            if clock is not None and adapter.uses_infer_async:
+                clock.add("compute_infer", time.perf_counter_ns() - submitted)
         except asyncio.TimeoutError:
             raise ServingError(
                 "deadline_exceeded",

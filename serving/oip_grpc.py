@@ -4,8 +4,10 @@ Built on the servicer base class generated inside the ``tritonclient`` package, 
 service name, method names and messages are the ones the real ``tritonclient.grpc`` speaks.
 This is the transport only: it reads protobuf messages into the neutral tensors of
 serving/oip.py, frames the translator's answers, and turns a ServingError into a gRPC
-status. Methods beyond the OIP core (repository, shared memory, trace...) answer
-UNIMPLEMENTED. Any other exception is answered INTERNAL and logged at ERROR with its
+status. Triton's model-configuration (ModelConfig) and statistics (ModelStatistics)
+extensions are served; the other Triton methods (repository, shared memory, trace,
+logging, streaming) answer UNIMPLEMENTED with a plain message and log nothing. A version
+other than the model's is NOT_FOUND. Any other exception is answered INTERNAL and logged at ERROR with its
 traceback and the request id (never grpc's bare ``UNKNOWN``). ServerReady is the server's
 readiness (models loaded and the ledger able to accept records), as /v2/health/ready.
 """
@@ -18,8 +20,9 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from interceptors.model_statistics import PROCESS_STATISTICS, ModelStatistics
 from serving import oip
 from serving.errors import ServingError, as_serving_error, grpc_code, grpc_trailers, log_internal
 from serving.model_host import ModelHost
@@ -86,11 +89,18 @@ def _answers_errors(method: Handler) -> Handler:
 
 
 class OipGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """``ready`` answers ServerReady (default: every model is ready)."""
+    """``ready`` answers ServerReady (default: every model is ready); ``statistics`` is
+    what ModelStatistics reports (default: this process's, fed by the metering core)."""
 
-    def __init__(self, host: ModelHost, ready: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        host: ModelHost,
+        ready: Callable[[], bool] | None = None,
+        statistics: ModelStatistics = PROCESS_STATISTICS,
+    ) -> None:
         self._host = host
         self._ready = ready or host.all_ready
+        self._statistics = statistics
 
     async def ServerLive(self, request, context):  # noqa: N802 (OIP method names)
         return service_pb2.ServerLiveResponse(live=True)
@@ -100,7 +110,7 @@ class OipGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answers_errors
     async def ModelReady(self, request, context):  # noqa: N802
-        ready = oip.model_ready(self._host, request.name)
+        ready = oip.model_ready(self._host, request.name, request.version)
         return service_pb2.ModelReadyResponse(ready=ready["ready"])
 
     @_answers_errors
@@ -109,8 +119,20 @@ class OipGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answers_errors
     async def ModelMetadata(self, request, context):  # noqa: N802
-        meta = oip.model_metadata(self._host, request.name)
+        meta = oip.model_metadata(self._host, request.name, request.version)
         return json_format.ParseDict(meta, service_pb2.ModelMetadataResponse())
+
+    @_answers_errors
+    async def ModelConfig(self, request, context):  # noqa: N802
+        config = oip.model_config(self._host, request.name, request.version)
+        return service_pb2.ModelConfigResponse(
+            config=json_format.ParseDict(config, model_config_pb2.ModelConfig())
+        )
+
+    @_answers_errors
+    async def ModelStatistics(self, request, context):  # noqa: N802
+        stats = oip.model_statistics(self._host, request.name, request.version, self._statistics)
+        return json_format.ParseDict(stats, service_pb2.ModelStatisticsResponse())
 
     @_answers_errors
     async def ModelInfer(self, request, context):  # noqa: N802
@@ -121,6 +143,7 @@ class OipGrpcService(service_pb2_grpc.GRPCInferenceServiceServicer):
             outputs=[oip.RequestedOutput(o.name) for o in request.outputs],
             binary_default=True,  # gRPC sends every output as raw_output_contents
             request_id=request.id or None,
+            version=request.model_version,
         )
         response = service_pb2.ModelInferResponse(
             model_name=result.model_name, model_version=result.model_version, id=request.id
