@@ -380,3 +380,32 @@ def test_kserve_sdk_readiness_and_infer(server, tmp_path):
         assert answer[f"{transport}_model_name"] == "ocr"
         assert answer[f"{transport}_id"] == f"kserve-{transport}-1"
         assert same_text(answer[f"{transport}_texts"][0], TEXT), answer
+
+
+# --- HTTP keep-alive ---------------------------------------------------------------------
+
+
+async def test_http_listener_answers_keep_alive_without_nagle_delay():
+    """perf_analyzer and tritonclient keep their HTTP connection: the server's accepted
+    sockets must have TCP_NODELAY (asyncio sets it only when the listening socket says
+    IPPROTO_TCP), else each answer after the first waits for the client's delayed ACK."""
+    import asyncio
+    import socket
+
+    from serving.app import _listen_socket
+
+    sock = _listen_socket("127.0.0.1", 0, reuse_port=False)
+    accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def connected(reader, writer):
+        accepted.set_result(writer.get_extra_info("socket"))
+
+    server = await asyncio.start_server(connected, sock=sock)
+    try:
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        peer = await asyncio.wait_for(accepted, 30)
+        assert peer.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
