@@ -32,7 +32,9 @@ PERF_ANALYZER = VENV / "bin" / "perf_analyzer"
 
 
 def _library_path() -> str:
-    dirs = glob.glob(str(VENV / "lib" / "python3*" / "site-packages" / "nvidia" / "cuda_runtime" / "lib"))
+    dirs = glob.glob(
+        str(VENV / "lib" / "python3*" / "site-packages" / "nvidia" / "cuda_runtime" / "lib")
+    )
     existing = os.environ.get("LD_LIBRARY_PATH")
     return os.pathsep.join([*dirs, *([existing] if existing else [])])
 
@@ -82,9 +84,8 @@ class PerfResult:
     output: str
     #: one row per concurrency from its CSV (-f): the column names as perf_analyzer writes them
     rows: list[dict[str, str]]
-
-    def _client_section(self) -> str:
-        return self.output.split("Server:")[0]
+    #: the command line it ran
+    command: list[str]
 
     def request_counts(self) -> list[int]:
         """The client's ``Request count`` of each concurrency's measurement."""
@@ -96,9 +97,7 @@ class PerfResult:
             r"Inference count: (\d+)\s+Execution count: (\d+)\s+Successful request count: (\d+)",
             self.output,
         )
-        return [
-            {"inference": int(i), "execution": int(e), "success": int(s)} for i, e, s in found
-        ]
+        return [{"inference": int(i), "execution": int(e), "success": int(s)} for i, e, s in found]
 
     def throughputs(self) -> list[float]:
         """infer/sec of each concurrency (CSV ``Inferences/Second``)."""
@@ -113,16 +112,27 @@ def run_perf_analyzer(
     input_data: Path,
     concurrency: str = "1",
     request_count: int = 5,
+    window_ms: int | None = None,
     max_trials: int = 3,
     stability_percentage: int = 1000,
     csv_path: Path,
     extra: Sequence[str] = (),
     timeout_s: float = 600,
 ) -> PerfResult:
-    """perf_analyzer in ``count_windows`` mode (each window ``request_count`` requests, so
-    a run's length does not depend on the machine's speed) at ``concurrency``
-    (``start[:end[:step]]``). ``stability_percentage`` is generous by default: the test
-    asks whether it runs, the bench passes its own."""
+    """perf_analyzer at ``concurrency`` (``start[:end[:step]]``) in ``count_windows`` mode
+    (each window ``request_count`` requests, so a run's length does not depend on the
+    machine's speed), or with ``window_ms`` in ``time_windows`` mode (windows of that many
+    ms). ``stability_percentage`` is generous by default: the test asks whether it runs,
+    the bench passes its own."""
+    if window_ms is None:
+        windows = [
+            "--measurement-mode",
+            "count_windows",
+            "--measurement-request-count",
+            str(request_count),
+        ]
+    else:
+        windows = ["--measurement-mode", "time_windows", "--measurement-interval", str(window_ms)]
     command = [
         str(PERF_ANALYZER),
         "-m",
@@ -135,10 +145,7 @@ def run_perf_analyzer(
         str(input_data),
         "--concurrency-range",
         concurrency,
-        "--measurement-mode",
-        "count_windows",
-        "--measurement-request-count",
-        str(request_count),
+        *windows,
         "--max-trials",
         str(max_trials),
         "--stability-percentage",
@@ -158,4 +165,4 @@ def run_perf_analyzer(
     if csv_path.exists():
         with csv_path.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
-    return PerfResult(proc.returncode, proc.stdout + proc.stderr, rows)
+    return PerfResult(proc.returncode, proc.stdout + proc.stderr, rows, command)
