@@ -255,6 +255,65 @@ def test_model_configuration_extension(server, grpc_client, http_client):
     assert [o.name for o in config.output] == ["text", "result"]
 
 
+async def test_tritonclient_aio_config_statistics_and_refusals(server):
+    import tritonclient.grpc.aio as grpc_aio
+    import tritonclient.http.aio as http_aio
+
+    grpc_client = grpc_aio.InferenceServerClient(server.grpc_address)
+    http_client = http_aio.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    try:
+        assert (await http_client.get_model_config("ocr"))["input"][0]["data_type"] == "TYPE_STRING"
+        config = (await grpc_client.get_model_config("ocr")).config
+        assert config.input[0].data_type == model_config_pb2.TYPE_STRING
+        for client, module in [(http_client, http_aio), (grpc_client, grpc_aio)]:
+            result = await client.infer("ocr", [_image_input(module)])
+            assert same_text(_texts(result)[0], TEXT)
+            with pytest.raises(InferenceServerException) as info:
+                await client.infer(
+                    "ocr", [_image_input(module)], outputs=[module.InferRequestedOutput("nope")]
+                )
+            assert "unexpected inference output 'nope'" in info.value.message()
+            with pytest.raises(InferenceServerException) as info:
+                await client.infer("ocr", [_image_input(module)], model_version="7")
+            assert "version 7 is not found" in info.value.message()
+        stats = await http_client.get_inference_statistics("ocr")
+        grpc_stats = await grpc_client.get_inference_statistics("ocr")
+        assert stats["model_stats"][0]["inference_count"] == grpc_stats.model_stats[0].inference_count
+    finally:
+        await grpc_client.close()
+        await http_client.close()
+
+
+@pytest.mark.parametrize(("task", "version"), [("text_classification", "2"), ("embeddings", "v1")])
+def test_model_config_of_an_ernie_model_is_a_valid_triton_config(task, version):
+    """In process (no model loaded): the config an ERNIE model would answer, per task."""
+    from types import SimpleNamespace
+
+    from google.protobuf import json_format
+
+    from serving.codecs import codec_for_kind
+    from serving.model_host import ServedModel
+    from serving.oip_config import model_config
+
+    adapter = SimpleNamespace(task=task, version=version, operation=None)
+    served = ServedModel("ernie", "ernie", adapter, codec_for_kind("ernie", adapter), None, 1.0)
+    config = model_config(served)
+    json_format.ParseDict(config, model_config_pb2.ModelConfig())  # a valid ModelConfig
+    types = {t["name"]: (t["data_type"], t["dims"]) for t in config["output"]}
+    assert {t["name"]: t["data_type"] for t in config["input"]} == {
+        "text": "TYPE_STRING",
+        "text_pair": "TYPE_STRING",
+    }
+    assert types["input_tokens"] == ("TYPE_INT64", [-1])
+    assert types["truncated"] == ("TYPE_BOOL", [-1])
+    if task == "embeddings":
+        assert types["embedding"] == ("TYPE_FP32", [-1, -1])
+        assert config["version_policy"] == {"latest": {"num_versions": 1}}
+    else:
+        assert types["label"] == ("TYPE_STRING", [-1]) and types["logits"][0] == "TYPE_FP32"
+        assert config["version_policy"] == {"specific": {"versions": [2]}}
+
+
 # --- unimplemented -----------------------------------------------------------------------
 
 
