@@ -204,7 +204,7 @@ def main() -> None:
 
     items = [item for item in CORPUS if item.name != "rotated_180"]  # needs cls
     images = [item.data for item in items]
-    common = {"cpu_threads": args.cpu_threads, "pool_size": 1}
+    common = {"cpu_threads": args.cpu_threads, "pool_size": 1, "runtime": "paddle"}
     threads = max(1, args.cpu_threads // 2)
     labels = {
         "a": "(a) OcrAdapter, det+rec",
@@ -226,7 +226,7 @@ def main() -> None:
             runs["a"].append(bench_inprocess(images, seconds, {**common, "use_cls": False}))
             runs["c"].append(bench_paddleocr(paths, seconds, args.cpu_threads))
             runs["a_cls"].append(bench_inprocess(images, seconds, common))
-            two = {"cpu_threads": threads, "pool_size": 2, "use_cls": False}
+            two = {"cpu_threads": threads, "pool_size": 2, "use_cls": False, "runtime": "paddle"}
             runs["a_2x"].append(bench_inprocess(images, seconds, two, concurrency=2))
     merged = {key: merge_runs(value) for key, value in runs.items()}
     rows = [(labels[key], merged[key]) for key in ("a", "c", "a_cls", "a_2x")]

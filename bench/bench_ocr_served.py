@@ -62,8 +62,8 @@ def main() -> None:
 
     items = list(CORPUS)
     images = [item.data for item in items]
-    one_worker = {"pool_size": 1, "cpu_threads": 2}  # the embedded default on 2 cores
-    per_worker = {"pool_size": 1, "cpu_threads": 1}
+    one_worker = {"pool_size": 1, "cpu_threads": 2, "runtime": "paddle"}
+    per_worker = {"pool_size": 1, "cpu_threads": 1, "runtime": "paddle"}
     labels = {
         "a": f"(a) OcrAdapter in-process, {one_worker}",
         "b1": f"(b) served over gRPC, 1 worker, {one_worker}",

@@ -111,6 +111,7 @@ from models.stages import (  # noqa: E402, F401 (re-exported)
     STAGE_OCR_CLS,
     STAGE_OCR_DET,
     STAGE_OCR_REC,
+    STAGE_OCR_REC_BATCH,
 )
 
 # --- usage sent back to the caller (gRPC trailing metadata / HTTP response headers) -----

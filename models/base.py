@@ -26,6 +26,7 @@ import contextvars
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from models.usage import UsageEstimate
@@ -120,6 +121,7 @@ class ModelAdapter(abc.ABC):
         self.options = dict(options)
         self.version = str(self.options.get("version", "1"))
         self._executor: Executor | None = None
+        self._cache_dir: Path | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -138,6 +140,18 @@ class ModelAdapter(abc.ABC):
         """The pool from :meth:`bind_executor` (None when unbound)."""
         return self._executor
 
+    def bind_cache_dir(self, directory: Path | None) -> None:
+        """Give the adapter a directory of its own for compiled models (the server passes
+        ``<data_dir>/compiled/<model name>``); called before ``load``. Adapters on an
+        engine that compiles (OpenVINO) keep their compiled blobs there, so a restart
+        does not compile again. Without one nothing is cached."""
+        self._cache_dir = directory
+
+    @property
+    def cache_dir(self) -> Path | None:
+        """The directory from :meth:`bind_cache_dir` (None when unbound)."""
+        return self._cache_dir
+
     async def run_blocking(self, fn: Callable[..., R], *args: Any) -> R:
         """Await ``fn(*args)`` on :attr:`executor`, in a copy of the caller's context (so
         usage and stage spans still find the request). For ``infer_async``."""
@@ -148,6 +162,11 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def load(self) -> None:
         """Load weights and build predictors; called once before serving. Blocks."""
+
+    def runtime_description(self) -> str:
+        """Which engine runs the loaded model (e.g. "openvino"), for the start-up log;
+        "" for an adapter without one."""
+        return ""
 
     @abc.abstractmethod
     def is_ready(self) -> bool:

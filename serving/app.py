@@ -150,7 +150,7 @@ class PaddleMeterServer:
         check_exposure(self.config)
         self._tls = load_tls(self.config)
         data_dir = prepare_data_dir(self.config["server"]["data_dir"])
-        await asyncio.to_thread(self.models.load)
+        await asyncio.to_thread(self.models.load, data_dir / "compiled")
         self.metering = build_metering(self.config, data_dir)
         await self._start_grpc()
         await self._start_http()

@@ -93,6 +93,14 @@ def _make_demo_ernie(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    from models.onnx_export import export_onnx
+
+    result = export_onnx(args.dir)
+    print(f"{result.path} (checked against Paddle Inference: max |diff| {result.max_abs_diff:.2g})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paddle-meter", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("dir")
     demo.set_defaults(func=_make_demo_ernie)
+    onnx = models.add_parser(
+        "export-onnx",
+        help="write DIR/inference.onnx (paddle2onnx) so runtime openvino can serve a PIR "
+        "export such as ERNIE's; checked against Paddle Inference",
+    )
+    onnx.add_argument("dir")
+    onnx.set_defaults(func=_export_onnx)
 
     # Bills and reports read the ledger the server writes: the one of the effective config
     # ($PADDLE_METER_CONFIG merged over the default), unless --ledger names another.

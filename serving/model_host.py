@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from interceptors.model_statistics import current_clock
@@ -232,13 +233,26 @@ class ModelHost:
         self._timeout_s = float(server_config.get("request_timeout_s", 60))
         self._models: dict[str, ServedModel] = {}
 
-    def load(self) -> None:
+    def load(self, cache_dir: Path | None = None) -> None:
+        """Build and load every configured model. Blocks. ``cache_dir`` (the server's
+        ``<data_dir>/compiled``): each model gets its own subdirectory for compiled
+        models."""
         for name, spec in self._config.items():
             kind = spec["kind"]
-            adapter = _adapter_class(kind)(name, spec.get("options") or {})
-            adapter.bind_executor(self._executor)
-            log.info("loading model", extra={"model": name, "kind": kind})
-            adapter.load()
+            try:
+                adapter = _adapter_class(kind)(name, spec.get("options") or {})
+                adapter.bind_executor(self._executor)
+                adapter.bind_cache_dir(cache_dir / name if cache_dir is not None else None)
+                log.info("loading model", extra={"model": name, "kind": kind})
+                adapter.load()
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"model {name!r}: {exc}") from None
+            except ValueError as exc:  # a bad option, or a model its runtime cannot read
+                raise ValueError(f"model {name!r}: {exc}") from None
+            log.info(
+                "model loaded",
+                extra={"model": name, "kind": kind, "runtime": adapter.runtime_description()},
+            )
             self._models[name] = ServedModel(
                 name, kind, adapter, codec_for_kind(kind, adapter), self._executor, self._timeout_s
             )

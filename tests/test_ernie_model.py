@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from models.base import InvalidInput, ModelError
+from models.batching import DynamicBatcher
 from models.ernie.adapter import ErnieAdapter, ErnieInput, ErnieResult
-from models.ernie.batcher import DynamicBatcher
 from models.ernie.demo import make_demo_ernie
 from models.usage import RequestUsage, bind_usage, set_stage_factory
 

@@ -51,7 +51,8 @@ def test_ocr_has_no_tokenizer() -> None:
     from models.ocr import OcrAdapter
 
     ocr = OcrAdapter("ocr")  # not loaded: counting needs no model files
-    assert ocr.uses_infer_async is False
+    assert ocr.uses_infer_async is True  # recognition batches concurrent requests' crops
+    assert OcrAdapter("ocr", {"rec_batching": False}).uses_infer_async is False
     with pytest.raises(Unsupported, match="^model 'ocr' is a ocr model without a tokenizer$"):
         ocr.count_tokens("text")
 

@@ -17,7 +17,7 @@ from PIL import Image
 from models.base import InvalidInput, ModelError, ResourceLimit
 from models.ocr import OcrAdapter, OcrResult
 from models.ocr.postprocess import build_postprocess
-from models.paddle_runtime import PredictorPool, RuntimeOptions
+from models.runtime import PredictorPool, RuntimeOptions
 from models.usage import RequestUsage, bind_usage, set_stage_factory
 
 try:  # tests/ may or may not be a package, depending on how pytest is run

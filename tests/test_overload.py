@@ -35,7 +35,7 @@ from support.server import ServerProcess
 from tritonclient.utils import InferenceServerException
 
 from models.base import Overloaded
-from models.ernie.batcher import DynamicBatcher
+from models.batching import DynamicBatcher
 from serving.model_host import BoundedExecutor
 
 BOUND = 2

@@ -10,7 +10,7 @@ Two ways in:
   usage goes to the current :class:`~models.usage.RequestUsage`;
 - ``await infer_async(item)`` (what the host uses: ``uses_infer_async``): one request's
   item, grouped with other requests' items by a
-  :class:`~models.ernie.batcher.DynamicBatcher`; the request's own usage object is
+  :class:`~models.batching.DynamicBatcher`; the request's own usage object is
   captured in its task, so a shared batch never bills the wrong request.
 
 Blocking work of ``infer_async`` (batches, long texts' tokenization) runs on the host's
@@ -20,8 +20,6 @@ inference pool (``bind_executor``); ``aclose`` drains the batcher at shutdown.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +29,10 @@ import numpy as np
 
 from models import stages as st
 from models.base import InvalidInput, ModelAdapter, ModelError, TokenCount, Unavailable
-from models.ernie.batcher import DynamicBatcher
+from models.batching import BatcherSlot, DynamicBatcher
 from models.ernie.export_layout import read_meta
 from models.ernie.tokenizer import Encoding, ErnieTokenizerFast
-from models.paddle_runtime import PredictorPool, RuntimeOptions
+from models.runtime import PredictorPool, RuntimeOptions
 from models.usage import UsageEstimate, current_usage, report_usage, stage, trace_link
 
 __all__ = ["ErnieAdapter", "ErnieInput", "ErnieResult"]
@@ -54,6 +52,8 @@ _OPTIONS = frozenset(
         "max_wait_ms",
         "batching",
         "max_queued_items",
+        "batch_sort_window",
+        "runtime",
     ]
 )
 _INLINE_CHARS = 20_000  # longer texts are tokenized on a thread, not on the event loop
@@ -119,6 +119,9 @@ class ErnieAdapter(ModelAdapter):
         self.max_batch_size = _int_option(options, "max_batch_size", 16, 1)
         # Items waiting for a batch; more are refused (Overloaded) rather than queued.
         self.max_queued_items = _int_option(options, "max_queued_items", 1024, 1)
+        # Up to this many batches' worth of waiting items are sorted by length before they
+        # are cut into batches: mixed short and long traffic pads less (1: arrival order).
+        self.batch_sort_window = _int_option(options, "batch_sort_window", 4, 1)
         max_wait_ms = options.get("max_wait_ms", 5)
         if (
             isinstance(max_wait_ms, bool)
@@ -137,14 +140,16 @@ class ErnieAdapter(ModelAdapter):
             raise ValueError(f"ernie option 'labels' must be a list of strings, got {labels!r}")
         self.labels: list[str] | None = list(labels) if labels is not None else None
         self.runtime = RuntimeOptions(
-            device=options.get("device", "cpu"), cpu_threads=self.cpu_threads
+            device=options.get("device", "cpu"),
+            cpu_threads=self.cpu_threads,
+            runtime=options.get("runtime", "auto"),
         )
         self.tokenizer: ErnieTokenizerFast | None = None
         self._pool: PredictorPool | None = None
         self._outputs: dict[str, int] = {}
-        self._batcher: DynamicBatcher[_Encoded, ErnieResult | ModelError] | None = None
-        self._batcher_lock = threading.Lock()
-        self._draining = False
+        self._batcher: BatcherSlot[_Encoded, ErnieResult | ModelError] = BatcherSlot(
+            self._new_batcher, f"ernie model {name!r}"
+        )
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -160,7 +165,11 @@ class ErnieAdapter(ModelAdapter):
         if self.labels is None:
             self.labels = list(meta.get("labels") or []) or None
         self._outputs = {name: i for i, name in enumerate(meta.get("outputs") or [])}
-        self._pool = PredictorPool(self.model_dir, self.runtime, self.pool_size)
+        runtime = self.runtime.with_cache_dir(self.cache_dir)
+        self._pool = PredictorPool(self.model_dir, runtime, self.pool_size)
+
+    def runtime_description(self) -> str:
+        return self._pool.runtime if self._pool is not None else ""
 
     def is_ready(self) -> bool:
         return self._pool is not None
@@ -176,11 +185,7 @@ class ErnieAdapter(ModelAdapter):
         ``infer_async`` afterwards raises :class:`~models.base.Unavailable`; ``close``
         (which the host calls next) releases the predictors.
         """
-        with self._batcher_lock:
-            self._draining = True
-            batcher, self._batcher = self._batcher, None
-        if batcher is not None:
-            await batcher.aclose()
+        await self._batcher.aclose()
 
     # -- inference --------------------------------------------------------------------
 
@@ -256,9 +261,9 @@ class ErnieAdapter(ModelAdapter):
             encoding = self.encode(item)
         encoded = _Encoded(encoding, trace_link())
         if self.batching:
-            result = await self._get_batcher().submit(encoded)
+            result = await self._batcher.get().submit(encoded)
         else:
-            if self._draining:
+            if self._batcher.draining:
                 raise Unavailable(f"ernie model {self.name!r} is shutting down")
             result = (await self.run_blocking(self._run_batch, [encoded]))[0]
         if isinstance(result, ModelError):
@@ -267,26 +272,18 @@ class ErnieAdapter(ModelAdapter):
             usage.add(input_tokens=result.input_tokens, truncated=result.truncated)
         return result
 
-    def _get_batcher(self) -> DynamicBatcher[_Encoded, ErnieResult | ModelError]:
-        loop = asyncio.get_running_loop()
-        with self._batcher_lock:
-            if self._draining:
-                raise Unavailable(f"ernie model {self.name!r} is shutting down")
-            if self._batcher is not None and self._batcher.loop not in (None, loop):
-                # Served from a new event loop (the old one is gone, e.g. between tests or
-                # after a server restart in-process): its batcher cannot be reused.
-                self._batcher = None
-            if self._batcher is None:
-                self._batcher = DynamicBatcher(
-                    self._run_batch,
-                    self.max_batch_size,
-                    self.max_wait_ms,
-                    max_concurrency=self.pool_size,
-                    max_queue=self.max_queued_items,
-                    # The host's pool; no request's context: a batch serves (links) several.
-                    executor=self.executor,
-                )
-            return self._batcher
+    def _new_batcher(self) -> DynamicBatcher[_Encoded, ErnieResult | ModelError]:
+        return DynamicBatcher(
+            self._run_batch,
+            self.max_batch_size,
+            self.max_wait_ms,
+            max_concurrency=self.pool_size,
+            max_queue=self.max_queued_items,
+            # The host's pool; no request's context: a batch serves (links) several.
+            executor=self.executor,
+            sort_key=lambda entry: len(entry.encoding.input_ids),
+            sort_window=self.batch_sort_window,
+        )
 
     def _run_batch(self, batch: list[_Encoded]) -> list[ErnieResult | ModelError]:
         """Pad, run, post-process a batch of encoded items. Blocks; never reports usage

