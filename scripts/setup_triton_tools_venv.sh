@@ -19,7 +19,12 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${1:-${repo_root}/.venv-triton-tools}"
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-${repo_root}/.cache/pip}" PIP_DISABLE_PIP_VERSION_CHECK=1
 
-if [ ! -e /usr/lib/x86_64-linux-gnu/libb64.so.0d ] && ! ldconfig -p 2>/dev/null | grep -q libb64.so.0d; then
+has_libb64() {
+    local found
+    found="$(ldconfig -p 2>/dev/null || true)"
+    [[ "$found" == *libb64.so.0d* ]]
+}
+if ! has_libb64; then
     sudo_=""
     [ "$(id -u)" = 0 ] || sudo_=sudo
     $sudo_ apt-get update -q >/dev/null
