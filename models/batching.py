@@ -47,8 +47,10 @@ class DynamicBatcher(Generic[T, R]):
     ``max_concurrency`` batches may run at once (match it to the predictor pool size);
     ``executor`` is the thread pool they run on (the loop's default when None);
     ``max_queue`` items may wait for a batch; ``sort_key``, ``sort_window`` and
-    ``split_by_key`` order and cut what is waiting (module docstring). The batcher binds
-    to the event loop of its first ``submit``.
+    ``split_by_key`` order and cut what is waiting (module docstring); ``more_coming``,
+    when given, is asked before the collector waits for more items: False (no caller is
+    about to submit) runs what is there at once. The batcher binds to the event loop of
+    its first ``submit``.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class DynamicBatcher(Generic[T, R]):
         sort_key: Callable[[T], Any] | None = None,
         sort_window: int = 1,
         split_by_key: bool = False,
+        more_coming: Callable[[], bool] | None = None,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
@@ -78,6 +81,7 @@ class DynamicBatcher(Generic[T, R]):
             raise ValueError("split_by_key needs a sort_key")
         self._sort_key = sort_key
         self._split_by_key = split_by_key
+        self._more_coming = more_coming
         # Without a key there is nothing to sort: gather exactly one batch.
         self._gather_limit = max_batch_size * (sort_window if sort_key is not None else 1)
         self.max_queue = max_queue
@@ -136,6 +140,8 @@ class DynamicBatcher(Generic[T, R]):
                         entry = self._queue.get_nowait()
                     elif len(gathered) >= self.max_batch_size:
                         break  # a full batch is ready and nothing else waits: run it
+                    elif self._more_coming is not None and not self._more_coming():
+                        break  # no other caller is on its way: waiting only adds latency
                     else:
                         entry = await asyncio.wait_for(self._queue.get(), remaining)
                 except (asyncio.QueueEmpty, asyncio.TimeoutError):

@@ -54,6 +54,7 @@ _OPTIONS = frozenset(
         "max_queued_items",
         "batch_sort_window",
         "runtime",
+        "precision",
     ]
 )
 _INLINE_CHARS = 20_000  # longer texts are tokenized on a thread, not on the event loop
@@ -143,6 +144,7 @@ class ErnieAdapter(ModelAdapter):
             device=options.get("device", "cpu"),
             cpu_threads=self.cpu_threads,
             runtime=options.get("runtime", "auto"),
+            precision=options.get("precision", "f32"),
         )
         self.tokenizer: ErnieTokenizerFast | None = None
         self._pool: PredictorPool | None = None

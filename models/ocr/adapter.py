@@ -150,6 +150,8 @@ class OcrAdapter(ModelAdapter):
         self.rec_max_wait_ms = float(wait)
         self._config_options = options
         self._pipeline: OcrPipeline | None = None
+        # Images between decoding and the hand-over of their crops (event-loop only).
+        self._detecting = 0
         self._rec_batcher: BatcherSlot[_Crop, tuple[str, float]] = BatcherSlot(
             self._new_rec_batcher, f"OCR model {name!r}"
         )
@@ -243,7 +245,11 @@ class OcrAdapter(ModelAdapter):
         pipeline = self._pipeline
         if pipeline is None:
             raise RuntimeError(f"OCR model {self.name!r} is not loaded")
-        detected: Detected = await self.run_blocking(self._detect, pipeline, item)
+        self._detecting += 1
+        try:
+            detected: Detected = await self.run_blocking(self._detect, pipeline, item)
+        finally:
+            self._detecting -= 1
         if not detected.crops:
             return self._result([])
         batcher = self._rec_batcher.get()
@@ -274,6 +280,8 @@ class OcrAdapter(ModelAdapter):
             # Several batches' worth of waiting crops are grouped by width at once.
             sort_window=8,
             split_by_key=True,
+            # A batch waits to fill only while another image is still being detected.
+            more_coming=lambda: self._detecting > 0,
         )
 
     def _recognise_batch(self, crops: list[_Crop]) -> list[tuple[str, float]]:
