@@ -20,15 +20,16 @@ BENCHES = {
     "ocr_inprocess": ["bench/bench_ocr_inprocess.py", "--seconds", "10", "--rounds", "3"],
     "ocr_served": ["bench/bench_ocr_served.py", "--seconds", "10", "--rounds", "3"],
     "perf_analyzer": ["bench/bench_perf_analyzer.py"],
+    "runtimes": ["bench/bench_runtimes.py", "--seconds", "8", "--rounds", "2"],
     "metering": ["bench/bench_metering.py"],
     "tokenizer": ["bench/bench_tokenizer.py"],
     "ernie": ["bench/bench_ernie.py"],
     "ledger": ["bench/bench_ledger.py"],
     "soak": ["bench/bench_soak.py", "--minutes", "10"],
 }
-ORDER = ["ocr_inprocess", "ocr_served", "perf_analyzer", "metering", "tokenizer", "ernie", "ledger", "soak"]
+ORDER = ["runtimes", "ocr_inprocess", "ocr_served", "perf_analyzer", "metering", "tokenizer", "ernie", "ledger", "soak"]
 # The benches that compare against PaddleOCR 3.x in its own venv.
-NEEDS_PADDLEOCR_VENV = {"ocr_inprocess", "ocr_served"}
+NEEDS_PADDLEOCR_VENV = {"runtimes", "ocr_inprocess", "ocr_served"}
 
 
 def collect() -> Path:
