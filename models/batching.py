@@ -150,7 +150,14 @@ class DynamicBatcher(Generic[T, R]):
                     stopping = True
                     break
                 gathered.append(entry)
-            for batch in self._cut(gathered):
+            try:
+                batches = self._cut(gathered)
+            except Exception as exc:  # a sort key that fails: those callers hear it, the
+                for _, future in gathered:  # collector lives on for everyone else
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for batch in batches:
                 await self._dispatch(batch)
 
     def _cut(
