@@ -28,8 +28,8 @@ from serving.codecs.base import OutputTensor
 from serving.dispatch import run_model
 from serving.errors import ServingError, as_serving_error
 from serving.model_host import ModelHost, ServedModel
-from serving.oip_config import PLATFORM
 from serving.oip_config import model_config as _model_config
+from serving.oip_config import platform
 from serving.oip_tensors import decode_raw, encode_raw, from_json_data, to_json_data
 from serving.version import SERVER_NAME, SERVER_VERSION
 
@@ -102,7 +102,7 @@ def model_metadata(host: ModelHost, name: str, version: str | None = None) -> di
     return {
         "name": model.name,
         "versions": [model.version],
-        "platform": PLATFORM,
+        "platform": platform(model),
         "inputs": model.codec.oip_inputs(),
         "outputs": model.codec.oip_outputs(),
     }

@@ -17,10 +17,10 @@ from typing import Any
 
 from serving.model_host import ServedModel
 
-__all__ = ["BACKEND", "PLATFORM", "model_config", "triton_data_type"]
+__all__ = ["BACKEND", "model_config", "platform", "triton_data_type"]
 
-#: OIP model metadata ``platform`` and the config's ``platform``
-PLATFORM = "paddle_inference"
+#: the engines' names as the OIP metadata ``platform`` (and the config's) gives them
+_PLATFORMS = {"paddle": "paddle_inference", "openvino": "openvino"}
 #: the config's ``backend``: what runs the model
 BACKEND = "paddle-meter"
 
@@ -40,6 +40,14 @@ _DATA_TYPES = {
     "BF16": "TYPE_BF16",
     "BYTES": "TYPE_STRING",
 }
+
+
+def platform(served: ServedModel) -> str:
+    """The OIP metadata / config ``platform`` of a served model: the engine that runs it
+    ("openvino", "paddle_inference"; stages on different engines joined with "+")."""
+    engines = served.adapter.runtime_description() or "paddle"
+    names = [part.partition("=")[2] or part for part in engines.split(",")]
+    return "+".join(dict.fromkeys(_PLATFORMS.get(name, name) for name in names))
 
 
 def triton_data_type(datatype: str) -> str:
@@ -80,7 +88,7 @@ def model_config(served: ServedModel) -> dict[str, Any]:
     ]
     return {
         "name": served.name,
-        "platform": PLATFORM,
+        "platform": platform(served),
         "backend": BACKEND,
         "version_policy": _version_policy(served.version),
         "max_batch_size": 0,

@@ -295,10 +295,13 @@ def test_model_config_of_an_ernie_model_is_a_valid_triton_config(task, version):
     from serving.model_host import ServedModel
     from serving.oip_config import model_config
 
-    adapter = SimpleNamespace(task=task, version=version, operation=None)
+    adapter = SimpleNamespace(
+        task=task, version=version, operation=None, runtime_description=lambda: "paddle"
+    )
     served = ServedModel("ernie", "ernie", adapter, codec_for_kind("ernie", adapter), None, 1.0)
     config = model_config(served)
     json_format.ParseDict(config, model_config_pb2.ModelConfig())  # a valid ModelConfig
+    assert config["platform"] == "paddle_inference"
     types = {t["name"]: (t["data_type"], t["dims"]) for t in config["output"]}
     assert {t["name"]: t["data_type"] for t in config["input"]} == {
         "text": "TYPE_STRING",

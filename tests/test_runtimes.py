@@ -111,6 +111,10 @@ def test_each_model_says_which_runtime_runs_it(stack):
             loaded[entry["model"]] = entry["runtime"]
     assert loaded == {"ocr": "openvino", "ocr-paddle": "paddle", "ernie": "paddle",
                       "ernie-ov": "openvino"}
+    platforms = {name: httpx.get(f"{server.http_url}/v2/models/{name}").json()["platform"]
+                 for name in loaded}
+    assert platforms == {"ocr": "openvino", "ocr-paddle": "paddle_inference",
+                         "ernie": "paddle_inference", "ernie-ov": "openvino"}
 
 
 def test_both_runtimes_read_the_whole_corpus_identically(stack):
