@@ -99,6 +99,8 @@ _HTTP: Final = (
      Permission.READ_USAGE),
     (None, re.compile(r"/v1/keys(/.*)?"), Permission.MANAGE_KEYS),
     (None, re.compile(r"/v[12](/.*)?|/docs.*|/openapi\.json|/redoc"), Permission.AUTHENTICATED),
+    # PaddleX basic serving's OCR endpoint (serving/paddlex_ocr.py).
+    ("POST", re.compile(r"/ocr"), Permission.CALL_MODEL),
     # Paddle Serving's pipeline gateway: POST /{name}/{method}
     ("POST", re.compile(r"/[^/]+/[^/]+"), Permission.CALL_MODEL),
 )
@@ -115,7 +117,9 @@ def http_permission(method: str, path: str) -> tuple[Permission, bool]:
     """(permission, key may come in the request body) of an HTTP request.
 
     The body may carry the key (feed key ``api_key``) only on the pipeline gateway route,
-    since Paddle Serving's PipelineClient cannot set headers.
+    since Paddle Serving's PipelineClient cannot set headers. ``/ocr`` (PaddleX) is
+    deferred the same way so that its frontend answers refusals in PaddleX's error shape,
+    but it presents no body key (it reads headers only).
     """
     for want, pattern, permission in _HTTP:
         if (want is None or want == method) and pattern.fullmatch(path):

@@ -108,13 +108,15 @@ class SoftCrossing:
 
 
 def _estimate_record(model: str, operation: str, tenant: str, key_id: str | None, ts: str,
-                     input_tokens: int, characters: int, images: int) -> UsageRecord:
+                     input_tokens: int, characters: int, images: int,
+                     pages: int = 0) -> UsageRecord:
     """A synthetic ok record of the estimated usage, to price it like the real one."""
     return UsageRecord(
         request_id="estimate", ts=ts, duration_ms=0.0, tenant=tenant, api_key_id=key_id,
         model=model, model_version="", operation=operation, protocol="", endpoint="",
         status="ok", input_tokens=input_tokens, output_tokens=characters,
-        characters=characters, images=images, billable_tokens=input_tokens + characters,
+        characters=characters, images=images, pages=pages,
+        billable_tokens=input_tokens + characters,
     )
 
 
@@ -296,12 +298,14 @@ class BudgetGuard:
         limits = self.rate_limits(key_id)
         if not budgets and not limits.any:
             return None
-        characters = estimate.images * self.ocr_chars_per_image
+        # Per page: a 10-page PDF reserves ten pages' worth (an image is one page).
+        characters = max(estimate.pages, estimate.images) * self.ocr_chars_per_image
         ts = normalize_ts(started_at)
         cost_micros = 0
         if self.pricebook is not None and any(b.metric == "cost" for b in budgets):
             record = _estimate_record(model, operation, tenant, key_id, ts,
-                                      estimate.input_tokens, characters, estimate.images)
+                                      estimate.input_tokens, characters, estimate.images,
+                                      estimate.pages)
             cost_micros = cost_to_micros(self.pricebook.price(record)[1])
         claims = [
             Claim(b, self.period_of(b, started_at),

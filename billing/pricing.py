@@ -5,7 +5,7 @@ Rules (documented here because bills depend on them):
     float is read through its shortest repr, e.g. 0.02 -> Decimal("0.02")).
   * Cost of a record = sum of its components (per_1k_input_tokens x input_tokens/1000,
     per_1k_output_tokens x output_tokens/1000, per_1k_characters x characters/1000,
-    per_image x images, per_request), rounded to 6 decimal places ROUND_HALF_UP.
+    per_image x images, per_page x pages, per_request), rounded to 6 decimal places ROUND_HALF_UP.
     Bills and reports round totals (sums of the 6-decimal record costs) to 0.01
     ROUND_HALF_UP; see :data:`BILL_QUANTUM`.
   * The price in force is the model's entry with the latest ``effective_from`` <= the
@@ -38,6 +38,7 @@ UNITS: dict[str, tuple[str, int]] = {
     "per_1k_output_tokens": ("output_tokens", 1000),
     "per_1k_characters": ("characters", 1000),
     "per_image": ("images", 1),
+    "per_page": ("pages", 1),
 }
 _ENTRY_KEYS = {"price_id", "effective_from", "currency", "charge_failed_requests",
                "per_request", *UNITS}

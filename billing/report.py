@@ -32,6 +32,7 @@ METRICS = (
     "output_tokens",
     "characters",
     "images",
+    "pages",
     "billable_tokens",
     "cost",
     "tokens_per_request",
@@ -44,6 +45,7 @@ _SUMS = (
     "output_tokens",
     "characters",
     "images",
+    "pages",
     "billable_tokens",
     "cost_micros",
 )

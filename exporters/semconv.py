@@ -41,6 +41,8 @@ EVENT_BUDGET_SOFT_LIMIT: Final = "paddle_meter.budget.soft_limit"
 PADDLE_METER_REQUEST_ID: Final = "paddle_meter.request_id"
 PADDLE_METER_CHARACTERS: Final = "paddle_meter.characters"
 PADDLE_METER_IMAGES: Final = "paddle_meter.images"
+# Pages OCRed: 1 per image, N per N-page PDF (paddle_meter.images counts input files).
+PADDLE_METER_PAGES: Final = "paddle_meter.pages"
 PADDLE_METER_TRUNCATED: Final = "paddle_meter.truncated"
 PADDLE_METER_BILLABLE_TOKENS: Final = "paddle_meter.billable_tokens"
 PADDLE_METER_REQUEST_SIZE: Final = "paddle_meter.request.size"
@@ -84,6 +86,7 @@ METRIC_METER_ERRORS: Final = "paddle_meter.meter_errors"  # {error}
 # characters recognised (OCR), cost in the price table's currency (paddle_meter.currency),
 # and inputs cut to the model's limit (ERNIE max_seq_len).
 METRIC_CHARACTERS: Final = "paddle_meter.characters"  # {character}
+METRIC_PAGES: Final = "paddle_meter.pages"  # {page}, OCR pages billed
 METRIC_COST: Final = "paddle_meter.cost"  # {currency unit}, with paddle_meter.currency
 METRIC_TRUNCATED_INPUTS: Final = "paddle_meter.truncated_inputs"  # {request}
 PADDLE_METER_CURRENCY: Final = "paddle_meter.currency"

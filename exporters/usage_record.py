@@ -29,7 +29,8 @@ class UsageRecord:
     input_tokens: int = 0
     output_tokens: int = 0
     characters: int = 0
-    images: int = 0
+    images: int = 0  # input files (one per image or PDF)
+    pages: int = 0  # pages OCRed: 1 per image, N per N-page PDF
     billable_tokens: int = 0
     request_bytes: int = 0
     response_bytes: int = 0
@@ -45,7 +46,8 @@ class UsageRecord:
         return dataclasses.asdict(self)
 
     def to_jsonl_dict(self) -> dict[str, Any]:
-        """Ledger fields plus the seed-compatible ones of the simple per-call log."""
+        """Ledger fields plus the seed-compatible ones of the simple per-call log
+        (``image``: one per request, whatever its pages; ``pages`` says how many)."""
         row = self.to_dict()
         row["timestamp"] = self.ts
         row["image"] = (self.content_sha256 or self.request_id) if self.images else None

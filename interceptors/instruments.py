@@ -167,6 +167,11 @@ class Instruments:
             unit="{character}",
             description="Billed recognised characters (OCR)",
         )
+        self.pages = meter.create_counter(
+            sc.METRIC_PAGES,
+            unit="{page}",
+            description="Billed OCR pages (1 per image, N per N-page PDF)",
+        )
         self.cost = meter.create_counter(
             sc.METRIC_COST,
             unit="{currency}",

@@ -51,6 +51,7 @@ def build_record(
         output_tokens=usage.output_tokens,
         characters=usage.characters,
         images=usage.images,
+        pages=usage.pages,
         billable_tokens=billed_in + billed_out,
         request_bytes=request_bytes,
         response_bytes=response_bytes,

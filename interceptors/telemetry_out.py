@@ -76,6 +76,7 @@ def _set_span(
         attrs[sc.GEN_AI_USAGE_OUTPUT_TOKENS] = usage.output_tokens
         attrs[sc.PADDLE_METER_CHARACTERS] = usage.characters
         attrs[sc.PADDLE_METER_IMAGES] = usage.images
+        attrs[sc.PADDLE_METER_PAGES] = usage.pages
         attrs[sc.PADDLE_METER_BILLABLE_TOKENS] = billed_in + billed_out
     if replay is not None:  # what the caller is told: the figures billed the first time
         attrs[sc.PADDLE_METER_USAGE_REPLAY] = True
@@ -142,12 +143,14 @@ def _record_metrics(
 
 
 def _record_usage(call: MeteredCall, tenant_label: str) -> None:
-    """Characters, cost and truncation of a call billed now (the record's figures)."""
+    """Characters, pages, cost and truncation of a call billed now (the record's figures)."""
     usage, ins, record = call.usage, call.core.instruments, call.record
     attrs: dict[str, Any] = {sc.GEN_AI_REQUEST_MODEL: usage.model,
                              sc.PADDLE_METER_TENANT: tenant_label}
     if usage.characters:
         ins.characters.add(usage.characters, attrs)
+    if usage.pages:
+        ins.pages.add(usage.pages, attrs)
     if usage.truncated:
         ins.truncated_inputs.add(1, attrs)
     if record is not None and record.cost:

@@ -3,7 +3,7 @@
 The metering core (interceptors/) opens one :class:`RequestUsage` per incoming call and
 binds it to a contextvar. Frontends fill in what only they know (model, operation, the
 protocol-level request id, an application status such as the pipeline ``err_no``);
-model adapters add the usage they measured (tokens, characters, images). Nothing here
+model adapters add the usage they measured (tokens, characters, images, pages). Nothing here
 imports OpenTelemetry: stage spans go through a hook the metering core installs, so
 adapters stay usable (and testable) without any telemetry configured.
 """
@@ -34,10 +34,12 @@ __all__ = [
 class UsageEstimate:
     """What a request will consume, as far as it is known before inference: an ERNIE
     adapter knows its exact input tokens (it tokenizes first); an OCR adapter knows only
-    its images (their characters come out of recognition)."""
+    its input files (``images``) and their ``pages`` (a PDF's page count is read without
+    rendering; their characters come out of recognition)."""
 
     input_tokens: int = 0
     images: int = 0
+    pages: int = 0
 
 
 @dataclasses.dataclass
@@ -52,6 +54,8 @@ class RequestUsage:
     output_tokens: int = 0
     characters: int = 0
     images: int = 0
+    # Pages OCRed: 1 per image, N per N-page PDF (``images`` counts input files).
+    pages: int = 0
     truncated: bool = False
     # Application-level failure inside a transport-level success (pipeline err_no != 0).
     app_status: str | None = None
@@ -83,6 +87,7 @@ class RequestUsage:
         output_tokens: int = 0,
         characters: int = 0,
         images: int = 0,
+        pages: int = 0,
         truncated: bool = False,
     ) -> None:
         """Accumulate usage; called once per item of a batch, so it adds rather than sets."""
@@ -90,6 +95,7 @@ class RequestUsage:
         self.output_tokens += output_tokens
         self.characters += characters
         self.images += images
+        self.pages += pages
         self.truncated = self.truncated or truncated
 
 

@@ -7,7 +7,8 @@
 #                                (Debian fonts-wqy-zenhei), the real OpenTelemetry collector
 #                                (rotel, in .venv), the real Paddle Serving 0.9 client
 #                                (.venv-ps39), PaddleNLP's tokenizer (.venv-paddlenlp), Triton's
-#                                perf_analyzer and KServe's SDK (.venv-triton-tools), and a
+#                                perf_analyzer and KServe's SDK (.venv-triton-tools), PaddleX's
+#                                serving schema classes (.venv-paddlex-schema), and a
 #                                running PostgreSQL
 #
 # Idempotent and quick when everything is there. pip's cache lives in the repo (.cache/),
@@ -62,6 +63,7 @@ fi
 scripts/setup_ps_client_venv.sh
 scripts/setup_paddlenlp_venv.sh
 scripts/setup_triton_tools_venv.sh
+scripts/setup_paddlex_schema_venv.sh
 
 # PostgreSQL for the ledger tests: this machine kind ships one; start it when it is down.
 if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432; then

@@ -1,4 +1,5 @@
-"""The HTTP frontend: OIP v2 REST, the Paddle Serving pipeline over HTTP, and the small APIs.
+"""The HTTP frontend: OIP v2 REST, the Paddle Serving pipeline over HTTP, PaddleX's ``/ocr``
+(serving/paddlex_ocr.py), and the small APIs.
 
 OIP REST follows KServe v2 including Triton's binary tensor data extension (a JSON header of
 ``Inference-Header-Content-Length`` bytes followed by raw tensors), which the real
@@ -48,6 +49,7 @@ from serving.errors import (
 )
 from serving.json_body import parse_json
 from serving.model_host import ModelHost
+from serving.paddlex_ocr import OCR_ENDPOINT, answer_ocr
 from serving.pipeline import PipelineReply, answer_pipeline, error_reply
 from serving.version import SERVER_NAME, SERVER_VERSION
 
@@ -372,6 +374,28 @@ def _tokenize_router(host: ModelHost, max_depth: int) -> APIRouter:
     return router
 
 
+def _paddlex_ocr_router(host: ModelHost, max_depth: int) -> APIRouter:
+    """PaddleX 3.x basic serving's ``POST /ocr`` (the protocol: serving/paddlex_ocr.py)."""
+    router = APIRouter()
+
+    @router.post(OCR_ENDPOINT)
+    async def paddlex_ocr(request: Request) -> Response:
+        caller_id = request.headers.get("x-request-id")
+        try:
+            body = await request.body()
+        except ClientDisconnect:
+            body = b""
+        reply = await answer_ocr(host, body, header_request_id=caller_id, max_depth=max_depth)
+        return Response(
+            reply.encoded(),
+            status_code=reply.status,
+            media_type="application/json",
+            headers=reply.headers,
+        )
+
+    return router
+
+
 def _pipeline_json(reply: PipelineReply) -> bytes:
     """A pipeline reply as Paddle Serving's HTTP gateway frames it."""
     document = {"err_no": reply.err_no, "err_msg": reply.err_msg, "key": reply.keys}
@@ -567,5 +591,6 @@ def build_http_app(
     app.include_router(_tokenize_router(host, max_json_depth))
     for router in extra_routers:
         app.include_router(router)
+    app.include_router(_paddlex_ocr_router(host, max_json_depth))
     app.include_router(_pipeline_router(host, max_json_depth))
     return app

@@ -21,9 +21,12 @@ __all__ = [
     "CORPUS",
     "CorpusImage",
     "FONT_PATH",
+    "JUDGEMENT_LINES",
+    "PDF_DPI",
     "load_font",
     "render_document",
     "render_line",
+    "render_pdf",
     "same_text",
 ]
 
@@ -73,6 +76,33 @@ def render_line(text: str, size: int = 32, rotate: int = 0, padding: int = 24) -
 def render_document(lines: Sequence[str], size: int = 28, padding: int = 32) -> bytes:
     """Several left-aligned lines, top to bottom, as one PNG page."""
     return _png(_draw_lines(list(lines), size, padding, spacing=2.0))
+
+
+#: the DPI test PDFs are written at: the server's default ``pdf_dpi``, so a page renders back
+#: to the very pixels it was drawn with
+PDF_DPI = 144
+
+
+def render_pdf(pages: Sequence[Sequence[str]], size: int = 28, padding: int = 32) -> bytes:
+    """A PDF with one page per entry of ``pages`` (each a list of lines drawn as by
+    :func:`render_document`), written by Pillow at :data:`PDF_DPI`."""
+    images = [_draw_lines(list(lines), size, padding, spacing=2.0) for lines in pages]
+    out = io.BytesIO()
+    images[0].save(
+        out, format="PDF", save_all=True, append_images=images[1:], resolution=float(PDF_DPI)
+    )
+    return out.getvalue()
+
+
+# A page shaped like a court judgement (CJK text, case numbers, amounts).
+JUDGEMENT_LINES = (
+    "北京市朝阳区人民法院",
+    "民事判决书",
+    "（2026）京0105民初12345号",
+    "原告 北京某某科技有限公司",
+    "被告 上海某某贸易有限公司",
+    "判决被告支付货款人民币128000元",
+)
 
 
 def same_text(got: str, expected: str) -> bool:

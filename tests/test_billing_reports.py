@@ -44,23 +44,23 @@ COSTS = {
     "r7": ("ernie-v1", "0.005000"),  # 1250 tokens
     "r8": ("ocr-v2", "0.010990"),  # 333 chars
 }
-# (period, tenant, model): requests, errors, in, out, chars, images, billable, cost,
+# (period, tenant, model): requests, errors, in, out, chars, images, pages, billable, cost,
 # tokens/request, cost/request
 DAY = [
-    ("2026-03-01", "acme", "ernie", 1, 0, 250, 0, 0, 0, 250, "0.00", "250.00", "0.001000"),
-    ("2026-03-01", "acme", "ocr", 2, 0, 0, 1500, 1500, 2, 1500, "0.03", "750.00", "0.016000"),
-    ("2026-03-01", "beta", "ocr", 1, 1, 0, 0, 0, 1, 0, "0.00", "0.00", "0.000000"),
+    ("2026-03-01", "acme", "ernie", 1, 0, 250, 0, 0, 0, 0, 250, "0.00", "250.00", "0.001000"),
+    ("2026-03-01", "acme", "ocr", 2, 0, 0, 1500, 1500, 2, 2, 1500, "0.03", "750.00", "0.016000"),
+    ("2026-03-01", "beta", "ocr", 1, 1, 0, 0, 0, 1, 1, 0, "0.00", "0.00", "0.000000"),
     # 0.005 rounds half up to 0.01
-    ("2026-03-02", "acme", "ernie", 1, 0, 1250, 0, 0, 0, 1250, "0.01", "1250.00", "0.005000"),
-    ("2026-03-02", "beta", "ocr", 2, 0, 0, 4000, 4000, 2, 4000, "0.10", "2000.00", "0.051000"),
-    ("2026-03-09", "acme", "ocr", 1, 0, 0, 333, 333, 1, 333, "0.01", "333.00", "0.010990"),
+    ("2026-03-02", "acme", "ernie", 1, 0, 1250, 0, 0, 0, 0, 1250, "0.01", "1250.00", "0.005000"),
+    ("2026-03-02", "beta", "ocr", 2, 0, 0, 4000, 4000, 2, 2, 4000, "0.10", "2000.00", "0.051000"),
+    ("2026-03-09", "acme", "ocr", 1, 0, 0, 333, 333, 1, 1, 333, "0.01", "333.00", "0.010990"),
 ]
 NAMES = ("requests", "errors", "input_tokens", "output_tokens", "characters", "images",
-         "billable_tokens", "cost", "tokens_per_request", "cost_per_request")
+         "pages", "billable_tokens", "cost", "tokens_per_request", "cost_per_request")
 # month by tenant: acme r1 r2 r3 r7 r8 = 0.04899 -> 0.05, (1500 + 1833) / 5 = 666.60
 MONTH = [
-    ("2026-03-01", "acme", 5, 0, 1500, 1833, 1833, 3, 3333, "0.05", "666.60", "0.009798"),
-    ("2026-03-01", "beta", 3, 1, 0, 4000, 4000, 3, 4000, "0.10", "1333.33", "0.034000"),
+    ("2026-03-01", "acme", 5, 0, 1500, 1833, 1833, 3, 3, 3333, "0.05", "666.60", "0.009798"),
+    ("2026-03-01", "beta", 3, 1, 0, 4000, 4000, 3, 3, 4000, "0.10", "1333.33", "0.034000"),
 ]
 
 
@@ -121,7 +121,7 @@ def test_report_formats_table_csv_json_xlsx(ledger, tmp_path, capsys):
     rows = json.loads((tmp_path / "r.json").read_text())
     assert rows[4] == {"period": "2026-03-02", "timezone": "UTC", "tenant": "beta", "model": "ocr",
                        "requests": 2, "errors": 0, "input_tokens": 0, "output_tokens": 4000,
-                       "characters": 4000, "images": 2, "billable_tokens": 4000,
+                       "characters": 4000, "images": 2, "pages": 2, "billable_tokens": 4000,
                        "cost": "0.10", "tokens_per_request": "2000.00",
                        "cost_per_request": "0.051000"}
     assert cli_main(args + ["--format", "csv", "-o", str(tmp_path / "r.csv")]) == 0
@@ -138,13 +138,13 @@ def test_report_formats_table_csv_json_xlsx(ledger, tmp_path, capsys):
     cells = list(ws.iter_rows(values_only=True))
     assert cells[1][0] == dt.datetime(2026, 3, 1)  # a real date, not text
     assert cells[2][1] == "UTC"
-    assert cells[2][4:] == (2, 0, 0, 1500, 1500, 2, 1500, 0.03, 750.0, 0.016)
+    assert cells[2][4:] == (2, 0, 0, 1500, 1500, 2, 2, 1500, 0.03, 750.0, 0.016)
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli_main(args + ["--format", "table", "--by", "tenant", "--period", "month"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["period", "timezone", "tenant", *NAMES]
     assert out[2].split() == ["2026-03-01", "UTC", "acme", "5", "0", "1500", "1833", "1833", "3",
-                              "3333", "0.05", "666.60", "0.009798"]
+                              "3", "3333", "0.05", "666.60", "0.009798"]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet", "xlsx"])

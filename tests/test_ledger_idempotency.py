@@ -27,11 +27,13 @@ from billing.synthetic import synthetic_record
 from exporters.ledger import LedgerReader, LedgerWriteError, open_ledger
 from exporters.ledger.base import BilledRecord
 from exporters.ledger.schema import (
+    RAW_COLUMNS,
+    ROLLUP_KEYS,
+    ROLLUP_SUMS,
     SCHEMA_VERSION,
     migrate,
     record_to_row,
     rollup_rows,
-    rollup_upsert_sql,
 )
 from exporters.ledger.spool import CONFLICTS_NAME, Spool
 from exporters.usage_record import UsageRecord
@@ -295,14 +297,27 @@ async def test_jsonl_has_the_same_key(tmp_path):
         ("acme", "ok"), ("beta", "ok"), ("acme", "INTERNAL")]
 
 
+V8_COLUMNS = frozenset({"pages"})
+V3_RAW_COLUMNS = tuple(c for c in RAW_COLUMNS if c not in V8_COLUMNS)
+
+
 def _make_v3(db: _Db, conn, dialect: str, records: list[UsageRecord]) -> None:
     """A v3 ledger holding ``records``, their rollups and one audit row, as v3 wrote them."""
     assert migrate(conn, dialect, up_to=3) == [1, 2, 3]
     rows = [record_to_row(r) for r in records]
     ph = "%s" if dialect == "postgresql" else "?"
     cur = conn.cursor()
-    cur.executemany(f"INSERT INTO usage_records VALUES ({', '.join([ph] * len(rows[0]))})", rows)
-    cur.executemany(rollup_upsert_sql(ph), rollup_rows(rows))
+    # v3's tables have no `pages` (v8): rows and rollups as v3 wrote them.
+    keep = [i for i, c in enumerate(RAW_COLUMNS) if c not in V8_COLUMNS]
+    cur.executemany(f"INSERT INTO usage_records ({', '.join(V3_RAW_COLUMNS)}) "
+                    f"VALUES ({', '.join([ph] * len(keep))})",
+                    [tuple(row[i] for i in keep) for row in rows])
+    roll_cols = (*ROLLUP_KEYS, *ROLLUP_SUMS)
+    keep_roll = [i for i, c in enumerate(roll_cols) if c not in V8_COLUMNS]
+    cur.executemany(f"INSERT INTO usage_rollup_minute "
+                    f"({', '.join(roll_cols[i] for i in keep_roll)}) "
+                    f"VALUES ({', '.join([ph] * len(keep_roll))})",
+                    [tuple(r[i] for i in keep_roll) for r in rollup_rows(rows)])
     cur.execute(f"INSERT INTO bill_audit (request_id, changed_at, changed_by, old_cost, new_cost)"
                 f" VALUES ({ph}, {ph}, {ph}, {ph}, {ph})",
                 ("v3-4", "2026-03-02T00:00:00.000000+00:00", "test", "0.1", "0.2"))
@@ -325,10 +340,13 @@ def test_v3_ledger_upgrades_to_v4_keeping_rows_and_rollups(dialect, tmp_path):
         _make_v3(db, conn, dialect, records)
         conn.close()
         order = "rowid" if dialect == "sqlite" else "request_id"
-        before = db.query(f"SELECT * FROM usage_records ORDER BY {order}")
+        v3_cols = ", ".join(V3_RAW_COLUMNS)
+        before = db.query(f"SELECT {v3_cols} FROM usage_records ORDER BY {order}")
         rollups = db.query(roll_sql)
         sink = open_ledger(url, spool_dir=str(tmp_path / "spool"))  # applies v4
-        assert db.query(f"SELECT * FROM usage_records ORDER BY {order}") == before
+        assert db.query(f"SELECT {v3_cols} FROM usage_records ORDER BY {order}") == before
+        # v8 backfilled pages: every record before PDFs was one image, one page
+        assert db.query("SELECT COUNT(*) FROM usage_records WHERE pages <> images") == [(0,)]
         assert db.query(roll_sql) == rollups
         # v4 and every later migration applied
         assert db.query("SELECT MAX(version) FROM schema_migrations") == [(SCHEMA_VERSION,)]

@@ -18,7 +18,7 @@ import pytest
 
 from billing.synthetic import synthetic_record
 from exporters.ledger import LedgerWriteError, UsageSink, open_ledger
-from exporters.ledger.schema import SCHEMA_VERSION, migrate, record_to_row
+from exporters.ledger.schema import RAW_COLUMNS, SCHEMA_VERSION, migrate, record_to_row
 
 
 def _count(path: str) -> int:
@@ -106,15 +106,23 @@ def test_migrations_upgrade_an_existing_ledger_in_place(tmp_path):
     path = str(tmp_path / "old.db")
     conn = sqlite3.connect(path, isolation_level=None)
     assert migrate(conn, "sqlite", up_to=1) == [1]
-    rows = [record_to_row(synthetic_record(i)) for i in range(10)]
-    conn.executemany(f"INSERT INTO usage_records VALUES ({', '.join('?' * len(rows[0]))})",
-                     rows)
+    # A v1 ledger has v1's columns: no `pages` (added by v8, backfilled as `images`).
+    v1_columns = [c for c in RAW_COLUMNS if c != "pages"]
+    rows = [dict(zip(RAW_COLUMNS, record_to_row(synthetic_record(i)), strict=True))
+            for i in range(10)]
+    conn.executemany(f"INSERT INTO usage_records ({', '.join(v1_columns)}) "
+                     f"VALUES ({', '.join('?' * len(v1_columns))})",
+                     [tuple(r[c] for c in v1_columns) for r in rows])
     conn.close()
-    sink = open_ledger(path)  # applies 2 (rollups, backfilled) and 3
+    sink = open_ledger(path)  # applies 2 (rollups, backfilled), 3 ... 8 (pages)
     sink.write_batch([synthetic_record(10)])
     sink.shutdown()
     with sqlite3.connect(path) as c:
         versions = [r[0] for r in c.execute("SELECT version FROM schema_migrations ORDER BY 1")]
+        assert c.execute("SELECT COUNT(*) FROM usage_records WHERE pages <> images").fetchone() \
+            == (0,)
+        assert c.execute("SELECT SUM(pages), SUM(images) FROM usage_rollup_minute").fetchone() \
+            == c.execute("SELECT SUM(pages), SUM(images) FROM usage_records").fetchone()
     assert versions == list(range(1, SCHEMA_VERSION + 1))
     assert _rollup_total(path)[0] == 11
 

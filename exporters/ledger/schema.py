@@ -61,6 +61,7 @@ USAGE_COUNTS: tuple[str, ...] = (
     "output_tokens",
     "characters",
     "images",
+    "pages",
     "billable_tokens",
     "request_bytes",
     "response_bytes",
@@ -69,6 +70,11 @@ _INT_COLUMNS = {*USAGE_COUNTS, "truncated", "cost_micros"}
 RAW_COLUMNS: tuple[str, ...] = (*LEDGER_COLUMNS, "cost_micros")
 ROLLUP_KEYS: tuple[str, ...] = ("minute", "tenant", "model", "operation", "status_class")
 ROLLUP_SUMS: tuple[str, ...] = ("requests", *USAGE_COUNTS, "cost_micros")
+# Columns added by later migrations (v8: pages). Migrations 1-4 build the tables of their
+# own version, without these; the migration that adds a column adds it to both tables.
+_LATER_COLUMNS = frozenset({"pages"})
+_V1_RAW_COLUMNS: tuple[str, ...] = tuple(c for c in RAW_COLUMNS if c not in _LATER_COLUMNS)
+_V1_ROLLUP_SUMS: tuple[str, ...] = tuple(c for c in ROLLUP_SUMS if c not in _LATER_COLUMNS)
 _MICRO = Decimal("0.000001")
 
 
@@ -247,9 +253,10 @@ def _types(dialect: str) -> dict[str, str]:
 
 
 def _raw_ddl(dialect: str) -> list[str]:
+    """v1: usage_records with the columns of v1 (later ones come with their migration)."""
     t = _types(dialect)
     cols = []
-    for name in RAW_COLUMNS:
+    for name in _V1_RAW_COLUMNS:
         if name == "request_id":
             cols.append("request_id TEXT PRIMARY KEY")
         elif name == "duration_ms":
@@ -270,9 +277,9 @@ def _raw_ddl(dialect: str) -> list[str]:
 def _rollup_ddl(dialect: str) -> list[str]:
     t = _types(dialect)
     keys = ", ".join(f"{k} TEXT NOT NULL" for k in ROLLUP_KEYS)
-    sums = ", ".join(f"{s} {t['int']} NOT NULL DEFAULT 0" for s in ROLLUP_SUMS)
-    cols = ", ".join((*ROLLUP_KEYS, *ROLLUP_SUMS))
-    raw_sums = ", ".join(["COUNT(*)"] + [f"SUM({s})" for s in ROLLUP_SUMS[1:]])
+    sums = ", ".join(f"{s} {t['int']} NOT NULL DEFAULT 0" for s in _V1_ROLLUP_SUMS)
+    cols = ", ".join((*ROLLUP_KEYS, *_V1_ROLLUP_SUMS))
+    raw_sums = ", ".join(["COUNT(*)"] + [f"SUM({s})" for s in _V1_ROLLUP_SUMS[1:]])
     return [
         f"CREATE TABLE IF NOT EXISTS usage_rollup_minute ({keys}, {sums}, "
         f"PRIMARY KEY ({', '.join(ROLLUP_KEYS)}))",
@@ -325,7 +332,7 @@ def _per_tenant_key_ddl(dialect: str) -> list[str]:
         ]
     else:
         create, *indexes = _raw_ddl(dialect)
-        cols = ", ".join(RAW_COLUMNS)
+        cols = ", ".join(_V1_RAW_COLUMNS)
         rebuild = [
             create.replace("request_id TEXT PRIMARY KEY", "request_id TEXT NOT NULL").replace(
                 "EXISTS usage_records (", "EXISTS usage_records_v4 ("
@@ -425,6 +432,19 @@ def _anomalies_ddl(dialect: str) -> list[str]:
     ]
 
 
+def _pages_ddl(dialect: str) -> list[str]:
+    """v8: ``pages`` (pages OCRed: 1 per image, N per N-page PDF) on usage_records and
+    the minute rollups. Every record before v8 was one image (PDFs came with v8), so
+    existing rows get ``pages = images``."""
+    t = _types(dialect)
+    return [
+        f"ALTER TABLE usage_records ADD COLUMN pages {t['int']} NOT NULL DEFAULT 0",
+        "UPDATE usage_records SET pages = images WHERE images <> 0",
+        f"ALTER TABLE usage_rollup_minute ADD COLUMN pages {t['int']} NOT NULL DEFAULT 0",
+        "UPDATE usage_rollup_minute SET pages = images WHERE images <> 0",
+    ]
+
+
 # (version, description, DDL builder). Append only: released versions never change.
 MIGRATIONS: tuple[tuple[int, str, Callable[[str], list[str]]], ...] = (
     (1, "usage_records", _raw_ddl),
@@ -434,6 +454,7 @@ MIGRATIONS: tuple[tuple[int, str, Callable[[str], list[str]]], ...] = (
     (5, "api_keys, key_events, auth_meta", _keys_ddl),
     (6, "budgets, budget_counters, budget_reservations, rate_buckets", _budgets_ddl),
     (7, "anomalies", _anomalies_ddl),
+    (8, "pages on usage_records and usage_rollup_minute", _pages_ddl),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

