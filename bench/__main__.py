@@ -19,6 +19,7 @@ DOCS = REPO / "docs"
 BENCHES = {
     "ocr_inprocess": ["bench/bench_ocr_inprocess.py", "--seconds", "10", "--rounds", "3"],
     "ocr_served": ["bench/bench_ocr_served.py", "--seconds", "10", "--rounds", "3"],
+    "pdf": ["bench/bench_pdf.py", "--seconds", "25"],
     "perf_analyzer": ["bench/bench_perf_analyzer.py"],
     "runtimes": ["bench/bench_runtimes.py", "--seconds", "8", "--rounds", "2"],
     "metering": ["bench/bench_metering.py"],
@@ -27,9 +28,9 @@ BENCHES = {
     "ledger": ["bench/bench_ledger.py"],
     "soak": ["bench/bench_soak.py", "--minutes", "10"],
 }
-ORDER = ["runtimes", "ocr_inprocess", "ocr_served", "perf_analyzer", "metering", "tokenizer", "ernie", "ledger", "soak"]
+ORDER = ["runtimes", "ocr_inprocess", "ocr_served", "pdf", "perf_analyzer", "metering", "tokenizer", "ernie", "ledger", "soak"]
 # The benches that compare against PaddleOCR 3.x in its own venv.
-NEEDS_PADDLEOCR_VENV = {"runtimes", "ocr_inprocess", "ocr_served"}
+NEEDS_PADDLEOCR_VENV = {"runtimes", "ocr_inprocess", "ocr_served", "pdf"}
 
 
 def collect() -> Path:
