@@ -11,7 +11,8 @@ real clients on loopback, the real SQLite ledger.
   (ledger row, price, /metrics, report, JSONL export's one ``image`` per request).
 - Bad input: corrupt, truncated, encrypted and oversized PDFs, too many pages, a fileType
   contradicting the bytes, a URL file, options we cannot honour: each a clear error, never
-  billed, and the server still serving.
+  billed, and the server still serving. A budget reserves its OCR estimate per page and
+  refuses in PaddleX's error shape.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ SCHEMA_PYTHON = ROOT / ".venv-paddlex-schema" / "bin" / "python"
 MAX_PAGES = 4
 MAX_PAGE_PIXELS = 3_000_000
 PAGES = [JUDGEMENT_LINES, DOCUMENT_LINES]
+ESTIMATE_PER_PAGE = 300
+CAPPED_CHARACTERS = 1000  # over one page's estimate, under four pages' estimate
 PRICES = {"per_1k_characters": Decimal("0.0200"), "per_page": Decimal("0.0030"),
           "per_image": Decimal("0.0010")}
 
@@ -67,6 +70,9 @@ def server(tmp_path_factory):
     )
     config = {
         "pricing": {"file": str(pricing)},
+        "budgets": {"ocr_estimate_chars_per_image": ESTIMATE_PER_PAGE,
+                    "limits": [{"tenant": "capped", "period": "month",
+                                "limit_characters": CAPPED_CHARACTERS}]},
         "models": {"ocr": {"kind": "ocr", "options": {
             "max_pdf_pages": MAX_PAGES, "max_pdf_page_pixels": MAX_PAGE_PIXELS}}},
     }
@@ -412,3 +418,24 @@ def test_ocr_unreadable_body_and_idempotent_retry(server, pdf):
     body = other.json()
     assert other.status_code == 409, body
     assert body["logId"] == rid and body["errorCode"] == 409 and body["errorMsg"]
+
+
+def test_budget_estimate_scales_with_pages_and_refuses_in_paddlex_shape(server):
+    """A budget reserves ``ocr_estimate_chars_per_image`` per PAGE: a 4-page PDF (1200
+    estimated) is refused under a 1000-character budget before any model work, answered
+    {logId, errorCode: 429, errorMsg} with Retry-After; one image (300) is served."""
+    four_pages = render_pdf([[f"第{i}页"] for i in range(1, MAX_PAGES + 1)])
+    rid = _rid("capped-pdf")
+    reply = httpx.post(f"{server.http_url}/ocr", json={"file": _b64(four_pages)},
+                       headers={"x-request-id": rid, "x-tenant": "capped"}, timeout=60)
+    body = reply.json()
+    assert reply.status_code == 429, body
+    assert body == {"logId": rid, "errorCode": 429, "errorMsg": body["errorMsg"]}
+    assert "capped" in body["errorMsg"] and int(reply.headers["retry-after"]) > 0
+    with contextlib.closing(sqlite3.connect(_ledger(server))) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM usage_records WHERE request_id = ?",
+                            (rid,)).fetchone() == (0,)  # refused calls are never rows
+    served = httpx.post(f"{server.http_url}/ocr",
+                        json={"file": _b64(CORPUS["cjk_invoice"].data), "visualize": False},
+                        headers={"x-tenant": "capped"}, timeout=60)
+    assert served.status_code == 200 and served.json()["errorCode"] == 0, served.text
