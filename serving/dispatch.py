@@ -1,4 +1,5 @@
-"""The one path from a decoded request to model results, shared by all four frontends.
+"""The one path from a decoded request to model results, shared by all five frontends
+(OIP gRPC and REST, the pipeline over gRPC and HTTP, PaddleX's /ocr).
 
 It looks the model up first: a name this server does not serve is answered ``not_found``
 before the metering context hears of it, so it writes no ledger row and adds no ``model``
