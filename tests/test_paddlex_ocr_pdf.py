@@ -12,7 +12,8 @@ real clients on loopback, the real SQLite ledger.
 - Bad input: corrupt, truncated, encrypted and oversized PDFs, too many pages, a fileType
   contradicting the bytes, a URL file, options we cannot honour: each a clear error, never
   billed, and the server still serving. A budget reserves its OCR estimate per page and
-  refuses in PaddleX's error shape.
+  refuses in PaddleX's error shape. Paddle Serving 0.9's real PipelineClient (.venv-ps39) sends a
+  PDF too.
 """
 
 from __future__ import annotations
@@ -439,3 +440,27 @@ def test_budget_estimate_scales_with_pages_and_refuses_in_paddlex_shape(server):
                         json={"file": _b64(CORPUS["cjk_invoice"].data), "visualize": False},
                         headers={"x-tenant": "capped"}, timeout=60)
     assert served.status_code == 200 and served.json()["errorCode"] == 0, served.text
+
+
+PS39_PYTHON = ROOT / ".venv-ps39" / "bin" / "python"
+
+
+@pytest.mark.skipif(not PS39_PYTHON.exists() and not os.environ.get("CI"),
+                    reason="run scripts/setup_ps_client_venv.sh for the real Paddle Serving client")
+def test_real_paddle_serving_client_sends_a_pdf(server, pdf, tmp_path):
+    path = tmp_path / "judgement.pdf"
+    path.write_bytes(pdf)
+    logid = 20261204
+    out = subprocess.run(
+        [str(PS39_PYTHON), str(ROOT / "tests/tools/ps_pipeline_client.py"),
+         "--addr", server.grpc_address, "--image", str(path), "--logid", str(logid)],
+        capture_output=True, text=True, timeout=180, check=True,
+    )
+    reply = json.loads(out.stdout.strip().splitlines()[-1])
+    assert reply["err_no"] == 0, reply
+    lines = _pipeline_lines(reply["key"], reply["value"])
+    expected = [(n, text) for n, page in enumerate(PAGES, start=1) for text in page]
+    assert [p for p, _ in lines] == [p for p, _ in expected]
+    assert all(same_text(got, want) for (_, got), (_, want) in zip(lines, expected, strict=True))
+    row = _row(server, str(logid))
+    assert (row["pages"], row["characters"]) == (2, sum(len(t) for _, t in lines))
