@@ -332,3 +332,29 @@ def test_collector_down_costs_requests_nothing(stack):
     request_id = f"back-{uuid.uuid4().hex[:6]}"
     _call_pipeline_http(server, CORPUS["cjk_invoice"].data, {"x-request-id": request_id})
     assert _server_span(sink, request_id)["attributes"]["paddle_meter.request_id"] == request_id
+
+
+def test_pdf_over_paddlex_ocr_pages_agree_in_span_metrics_and_ledger(stack):
+    """A two-page PDF over PaddleX's /ocr: the span, the pages metric and the ledger row
+    (SQLite and PostgreSQL, schema v8) carry the same pages and characters."""
+    from imaging import DOCUMENT_LINES, JUDGEMENT_LINES, render_pdf
+
+    server, sink, _, url = stack
+    request_id = f"pdf-{uuid.uuid4().hex[:8]}"
+    pdf = render_pdf([JUDGEMENT_LINES, DOCUMENT_LINES])
+    reply = httpx.post(f"{server.http_url}/ocr",
+                       json={"file": base64.b64encode(pdf).decode(), "visualize": False},
+                       headers={"x-request-id": request_id, "x-tenant": "pdfs"}, timeout=120)
+    body = reply.json()
+    assert reply.status_code == 200 and body["logId"] == request_id, body
+    pages = body["result"]["ocrResults"]
+    characters = sum(len(t) for page in pages for t in page["prunedResult"]["rec_texts"])
+    assert len(pages) == 2 and characters > 0
+    attrs = _server_span(sink, request_id)["attributes"]
+    assert attrs["paddle_meter.pages"] == 2 and attrs["paddle_meter.images"] == 1
+    assert attrs["paddle_meter.characters"] == characters
+    (row,) = _ledger_rows(url, "WHERE request_id = ?", (request_id,))
+    assert (row["status"], row["pages"], row["images"], row["characters"]) == (
+        "ok", 2, 1, characters)
+    sink.wait_for_metric_sum("paddle_meter.pages", 2, timeout=20,
+                             **{"paddle_meter.tenant": "pdfs"})
