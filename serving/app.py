@@ -122,6 +122,7 @@ class PaddleMeterServer:
         self._max_rpcs = int(server["max_concurrent_rpcs"])
         self._max_http = int(server["max_concurrent_http"])
         self._max_json_depth = int(server["max_json_depth"])
+        self._ocr_url_hosts = _url_hosts(server.get("ocr_url_hosts"))
         self.models = ModelHost(config["models"], server)
         self.metering: Metering | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -223,6 +224,8 @@ class PaddleMeterServer:
             extra_routers=self.metering.http_routers,
             ready=self.ready,
             max_json_depth=self._max_json_depth,
+            ocr_url_hosts=self._ocr_url_hosts,
+            max_fetch_bytes=self._max_bytes,
         )
         # Inside metering, so an oversized or refused request still gets its (error) span.
         asgi = self.metering.wrap_asgi(
@@ -307,3 +310,12 @@ def serve_forever(
 
     ``server_class`` lets a benchmark run a variant (bench/serve_stock_otel.py)."""
     asyncio.run(_run(server_class(config)))
+
+
+def _url_hosts(value: object) -> frozenset[str]:
+    """``server.ocr_url_hosts``: host names /ocr may fetch a ``file`` URL from."""
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or not all(isinstance(h, str) and h for h in value):
+        raise ValueError("server.ocr_url_hosts must be a list of host names, e.g. [docs.example]")
+    return frozenset(h.lower() for h in value)

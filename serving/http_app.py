@@ -374,7 +374,9 @@ def _tokenize_router(host: ModelHost, max_depth: int) -> APIRouter:
     return router
 
 
-def _paddlex_ocr_router(host: ModelHost, max_depth: int) -> APIRouter:
+def _paddlex_ocr_router(
+    host: ModelHost, max_depth: int, url_hosts: frozenset[str], max_fetch_bytes: int
+) -> APIRouter:
     """PaddleX 3.x basic serving's ``POST /ocr`` (the protocol: serving/paddlex_ocr.py)."""
     router = APIRouter()
 
@@ -385,7 +387,14 @@ def _paddlex_ocr_router(host: ModelHost, max_depth: int) -> APIRouter:
             body = await request.body()
         except ClientDisconnect:
             body = b""
-        reply = await answer_ocr(host, body, header_request_id=caller_id, max_depth=max_depth)
+        reply = await answer_ocr(
+            host,
+            body,
+            header_request_id=caller_id,
+            max_depth=max_depth,
+            url_hosts=url_hosts,
+            max_fetch_bytes=max_fetch_bytes,
+        )
         return Response(
             reply.encoded(),
             status_code=reply.status,
@@ -578,11 +587,15 @@ def build_http_app(
     ready: Callable[[], bool] | None = None,
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
     statistics: ModelStatistics = PROCESS_STATISTICS,
+    ocr_url_hosts: frozenset[str] = frozenset(),
+    max_fetch_bytes: int = 32 * 1024 * 1024,
 ) -> FastAPI:
     """The FastAPI app; ``extra_routers`` (metrics, usage, tokenize) go before the pipeline's
     catch-all ``/{name}/{method}`` so it cannot shadow them. ``ready`` answers
     ``/v2/health/ready`` (default: every model is ready); ``statistics`` is what the
     statistics extension reports (default: this process's, fed by the metering core).
+    ``ocr_url_hosts``: hosts ``/ocr`` may fetch a ``file`` URL from (none: URLs refused),
+    reading at most ``max_fetch_bytes``.
     Every error under ``/v2`` is OIP's ``{"error": ...}``."""
     app = FastAPI(title=SERVER_NAME, version=SERVER_VERSION, docs_url="/docs", redoc_url=None)
     app.add_exception_handler(StarletteHTTPException, _oip_http_exception)
@@ -591,6 +604,8 @@ def build_http_app(
     app.include_router(_tokenize_router(host, max_json_depth))
     for router in extra_routers:
         app.include_router(router)
-    app.include_router(_paddlex_ocr_router(host, max_json_depth))
+    app.include_router(
+        _paddlex_ocr_router(host, max_json_depth, ocr_url_hosts, max_fetch_bytes)
+    )
     app.include_router(_pipeline_router(host, max_json_depth))
     return app

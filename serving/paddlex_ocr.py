@@ -24,9 +24,12 @@ ignored, as PaddleX's pydantic models ignore them.
   kept boxes over each page (``ocrImage``) and returns the page (``inputImage``) as Base64
   JPEG (at most 2000 px a side, as PaddleX does); false returns no images (null fields).
   ``docPreprocessingImage`` is always null (no preprocessing model is served).
-- **No URL fetching.** PaddleX downloads ``file`` when it is a URL; here that is refused
-  (it would be a server-side request forgery hole and a way for documents to leave the
-  building): the caller sends the bytes.
+- **No URL fetching by default.** PaddleX downloads ``file`` when it is a URL; here that is
+  refused (it would be a server-side request forgery hole and a way for documents to leave
+  the building) unless the URL's host is listed in ``server.ocr_url_hosts`` (exact names).
+  Then it is fetched over http(s) without a proxy, redirects are not followed (a redirect
+  is refused), at most ``server.max_message_bytes`` are read (more: 413), and a fetch that
+  fails is 400 naming the host and the HTTP status; the URL itself is never logged.
 - **Metering.** The route goes through the same ASGI metering middleware as every HTTP
   surface. Its auth decision is made in this frontend (auth/roles.py), so a refusal of
   the key, a budget or a rate limit, and a refusal metering makes after the call
@@ -42,6 +45,9 @@ import binascii
 import dataclasses
 import json
 import math
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -128,8 +134,11 @@ def _same(want: Any, got: Any, kind: str) -> bool:
     return want == got
 
 
-def _parse_request(document: Mapping[str, Any], settings: Mapping[str, Any]) -> _Request:
-    """Check the request against the schema and the model's settings; the file's bytes."""
+def _parse_request(
+    document: Mapping[str, Any], settings: Mapping[str, Any], fetched: bytes | None = None
+) -> _Request:
+    """Check the request against the schema and the model's settings; the file's bytes
+    (``fetched``: what a ``file`` URL on the allow-list gave)."""
     for name, what in _UNOFFERED.items():
         value = document.get(name)
         if value is not None:
@@ -165,7 +174,7 @@ def _parse_request(document: Mapping[str, Any], settings: Mapping[str, Any]) -> 
             f"'fileType' must be 0 (PDF), 1 (image) or null (tell from the file), "
             f"got {json.dumps(file_type)}"
         )
-    data = _file_bytes(document.get("file"))
+    data = fetched if fetched is not None else _file_bytes(document.get("file"))
     pdf = is_pdf(data)
     if file_type == FILE_TYPE_PDF and not pdf:
         raise _invalid(
@@ -178,6 +187,72 @@ def _parse_request(document: Mapping[str, Any], settings: Mapping[str, Any]) -> 
             "or null to tell from the file"
         )
     return _Request(data, pdf, visualize is not False)
+
+
+def _url_of(value: Any) -> str | None:
+    """The URL a ``file`` holds, or None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    return text if text.lower().startswith(_URL_PREFIXES) or "://" in text[:16] else None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx surfaces as an HTTPError: a redirect is never followed
+
+
+def _download(url: str, host: str, max_bytes: int) -> bytes:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
+    try:
+        with opener.open(url, timeout=10) as response:
+            data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as exc:
+        moved = " (redirects are not followed)" if 300 <= exc.code < 400 else ""
+        raise _invalid(
+            f"fetching 'file' from {host} answered HTTP {exc.code}{moved}; "
+            "send the file itself, Base64-encoded, in 'file'"
+        ) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        raise _invalid(
+            f"'file' could not be fetched from {host} ({reason}); "
+            "send the file itself, Base64-encoded, in 'file'"
+        ) from None
+    if len(data) > max_bytes:
+        raise ServingError(
+            "resource_exhausted",
+            f"the file at {host} is larger than the server's limit of {max_bytes} bytes "
+            "(server.max_message_bytes)",
+        )
+    if not data:
+        raise _invalid(f"the file fetched from {host} is empty")
+    return data
+
+
+def _allowed_host(url: str, hosts: frozenset[str]) -> str:
+    """The host of ``url`` when this server may fetch from it; else raises the refusal."""
+    if not hosts:
+        raise _invalid(
+            "'file' is a URL, and paddle-meter does not fetch URLs (fetching would let a "
+            "caller make the server reach other hosts, and documents leave the building); "
+            "send the file itself, Base64-encoded, in 'file' (an operator can allow hosts "
+            "in server.ocr_url_hosts)"
+        )
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        parts, host = None, ""
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not host:
+        raise _invalid("'file' is a URL that is not http(s)://host/...; only those are fetched")
+    if host not in hosts:
+        raise _invalid(
+            f"'file' is a URL on {host}, which is not in server.ocr_url_hosts (the hosts "
+            f"this server may fetch from: {', '.join(sorted(hosts))}); send the file itself, "
+            "Base64-encoded, in 'file'"
+        )
+    return host
 
 
 def _file_bytes(value: Any) -> bytes:
@@ -328,11 +403,18 @@ def _present_no_key() -> None:
 
 
 async def answer_ocr(
-    host: ModelHost, body: bytes, *, header_request_id: str | None, max_depth: int
+    host: ModelHost,
+    body: bytes,
+    *,
+    header_request_id: str | None,
+    max_depth: int,
+    url_hosts: frozenset[str] = frozenset(),
+    max_fetch_bytes: int = 32 * 1024 * 1024,
 ) -> OcrHttpReply:
     """Answer one ``POST /ocr``; never raises: failures are ``{logId, errorCode, errorMsg}``.
 
-    ``header_request_id`` is the caller's (already checked) ``x-request-id``."""
+    ``header_request_id`` is the caller's (already checked) ``x-request-id``;
+    ``url_hosts`` the hosts a ``file`` URL may be fetched from (none: URLs refused)."""
     usage = current_usage()
     log_id = header_request_id or uuid.uuid4().hex
 
@@ -357,9 +439,20 @@ async def answer_ocr(
         served = _ocr_model(host)
         settings = served.adapter.settings()
         parsed: list[_Request] = []
+        url = _url_of(document.get("file"))
+        fetched: bytes | None = None
+        if url is not None and url_hosts:
+            try:
+                allowed = _allowed_host(url, url_hosts)
+            except ServingError:
+                allowed = None  # refused in decode, as every other bad input
+            if allowed is not None:
+                fetched = await asyncio.to_thread(_download, url, allowed, max_fetch_bytes)
 
         def decode(codec: Codec) -> tuple[list[Any], list[bytes]]:
-            parsed.append(_parse_request(document, settings))
+            if url is not None and fetched is None:
+                _allowed_host(url, url_hosts)  # raises the refusal
+            parsed.append(_parse_request(document, settings, fetched))
             return [parsed[0].data], [parsed[0].data]
 
         _, results = await run_model(host, served.name, decode, request_id=log_id)

@@ -358,3 +358,18 @@ def test_pdf_over_paddlex_ocr_pages_agree_in_span_metrics_and_ledger(stack):
         "ok", 2, 1, characters)
     sink.wait_for_metric_sum("paddle_meter.pages", 2, timeout=20,
                              **{"paddle_meter.tenant": "pdfs"})
+
+
+def test_ocr_refuses_urls_without_an_allow_list(stack):
+    """The embedded default lists no hosts: a `file` URL is refused, saying why and how."""
+    server, _, _, url = stack
+    request_id = f"url-{uuid.uuid4().hex[:8]}"
+    reply = httpx.post(f"{server.http_url}/ocr",
+                       json={"file": "http://127.0.0.1:1/judgement.pdf", "fileType": 0},
+                       headers={"x-request-id": request_id}, timeout=60)
+    body = reply.json()
+    assert reply.status_code == 400 and body["errorCode"] == 400 and body["logId"] == request_id
+    assert "paddle-meter does not fetch URLs" in body["errorMsg"]
+    assert "server.ocr_url_hosts" in body["errorMsg"]
+    (row,) = _ledger_rows(url, "WHERE request_id = ?", (request_id,))
+    assert row["status"] == "400" and row["billable_tokens"] == 0 and row["pages"] == 0

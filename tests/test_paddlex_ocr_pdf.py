@@ -12,7 +12,9 @@ real clients on loopback, the real SQLite ledger.
 - Bad input: corrupt, truncated, encrypted and oversized PDFs, too many pages, a fileType
   contradicting the bytes, a URL file, options we cannot honour: each a clear error, never
   billed, and the server still serving. A budget reserves its OCR estimate per page and
-  refuses in PaddleX's error shape. Paddle Serving 0.9's real PipelineClient (.venv-ps39) sends a
+  refuses in PaddleX's error shape. A `file` URL is fetched only from a host in
+  server.ocr_url_hosts (a loopback server of the test's own), never through a redirect, at
+  most max_message_bytes. Paddle Serving 0.9's real PipelineClient (.venv-ps39) sends a
   PDF too.
 """
 
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.server
 import io
 import json
 import os
 import sqlite3
 import subprocess
+import threading
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -54,6 +58,7 @@ MAX_PAGES = 4
 MAX_PAGE_PIXELS = 3_000_000
 PAGES = [JUDGEMENT_LINES, DOCUMENT_LINES]
 ESTIMATE_PER_PAGE = 300
+MAX_BYTES = 2_000_000
 CAPPED_CHARACTERS = 1000  # over one page's estimate, under four pages' estimate
 PRICES = {"per_1k_characters": Decimal("0.0200"), "per_page": Decimal("0.0030"),
           "per_image": Decimal("0.0010")}
@@ -70,6 +75,8 @@ def server(tmp_path_factory):
         encoding="utf-8",
     )
     config = {
+        # A name, not an address: http://127.0.0.1/... is not on the list.
+        "server": {"ocr_url_hosts": ["localhost"], "max_message_bytes": MAX_BYTES},
         "pricing": {"file": str(pricing)},
         "budgets": {"ocr_estimate_chars_per_image": ESTIMATE_PER_PAGE,
                     "limits": [{"tenant": "capped", "period": "month",
@@ -375,8 +382,12 @@ BAD_REQUESTS = {
                        "'fileType' is 0 (PDF), but 'file' is not a PDF"),
     "bad_file_type": (lambda pdf: {"file": _b64(pdf), "fileType": 2},
                       "'fileType' must be 0 (PDF), 1 (image) or null"),
-    "url": (lambda pdf: {"file": "https://example.com/judgement.pdf", "fileType": 0},
-            "paddle-meter does not fetch URLs"),
+    "url_not_listed": (lambda pdf: {"file": "https://example.com/judgement.pdf", "fileType": 0},
+                       "'file' is a URL on example.com, which is not in server.ocr_url_hosts"),
+    "url_address_not_listed": (lambda pdf: {"file": "http://127.0.0.1:9/judgement.pdf"},
+                               "'file' is a URL on 127.0.0.1, which is not in"),
+    "url_not_http": (lambda pdf: {"file": "file:///etc/passwd"},
+                     "'file' is a URL that is not http(s)://host/..."),
     "unwarping": (lambda pdf: {"file": _b64(pdf), "useDocUnwarping": True},
                   "'useDocUnwarping' is true, but document unwarping"),
     "orientation": (lambda pdf: {"file": _b64(pdf), "useDocOrientationClassify": True},
@@ -464,3 +475,68 @@ def test_real_paddle_serving_client_sends_a_pdf(server, pdf, tmp_path):
     assert all(same_text(got, want) for (_, got), (_, want) in zip(lines, expected, strict=True))
     row = _row(server, str(logid))
     assert (row["pages"], row["characters"]) == (2, sum(len(t) for _, t in lines))
+
+
+@pytest.fixture(scope="module")
+def file_host(pdf):
+    """A loopback HTTP server of the test's own: the PDF, a redirect, a 404, an oversize."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path == "/judgement.pdf":
+                self._send(200, pdf)
+            elif self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "/judgement.pdf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif self.path == "/big.pdf":
+                self._send(200, b"%PDF-1.7\n" + b"0" * MAX_BYTES)
+            else:
+                self._send(404, b"no such file")
+
+        def _send(self, status, body):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://localhost:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_url_on_the_allow_list_is_fetched_and_billed(server, file_host):
+    rid = _rid("url")
+    reply = httpx.post(f"{server.http_url}/ocr",
+                       json={"file": f"{file_host}/judgement.pdf", "fileType": 0,
+                             "visualize": False},
+                       headers={"x-request-id": rid}, timeout=120)
+    body = reply.json()
+    assert reply.status_code == 200, body
+    texts = [t for res in body["result"]["ocrResults"] for t in res["prunedResult"]["rec_texts"]]
+    assert len(texts) == sum(len(page) for page in PAGES)
+    row = _row(server, rid)
+    assert (row["status"], row["pages"], row["characters"]) == ("ok", 2, sum(map(len, texts)))
+
+
+@pytest.mark.parametrize("path, status, words", [
+    ("/moved", 400, "answered HTTP 302 (redirects are not followed)"),
+    ("/missing.pdf", 400, "answered HTTP 404"),
+    ("/big.pdf", 413, f"larger than the server's limit of {MAX_BYTES} bytes"),
+])
+def test_url_fetch_failures_are_clear_errors(server, file_host, path, status, words):
+    rid = _rid("url-bad")
+    reply = httpx.post(f"{server.http_url}/ocr", json={"file": f"{file_host}{path}"},
+                       headers={"x-request-id": rid}, timeout=60)
+    body = reply.json()
+    assert reply.status_code == status, body
+    assert body == {"logId": rid, "errorCode": status, "errorMsg": body["errorMsg"]}
+    assert words in body["errorMsg"] and "localhost" in body["errorMsg"]
+    assert path not in body["errorMsg"]  # the host is named, never the URL
+    assert paddlex_ocr(server, CORPUS["cjk_invoice"].data, _rid("after"))
