@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -81,6 +82,35 @@ def model_dir(root: Path, name: str, source: Path, config: dict) -> Path:
     return target
 
 
+def build_paddleocr(root: Path, args: argparse.Namespace) -> Any:
+    """PaddleOCR 3.x's own pipeline on our det/rec files (copied with inference.yml into
+    ``root``), det+rec, Paddle Inference with oneDNN, as both reference runners use it."""
+    from paddleocr import PaddleOCR
+
+    det = model_dir(root, "det", args.det_model_dir, DET_YML)
+    rec = model_dir(root, "rec", args.rec_model_dir, rec_yml(args.rec_char_dict_path))
+    return PaddleOCR(
+        text_detection_model_name="PP-OCRv4_mobile_det",
+        text_detection_model_dir=str(det),
+        text_recognition_model_name="PP-OCRv4_mobile_rec",
+        text_recognition_model_dir=str(rec),
+        use_doc_orientation_classify=False,
+        use_doc_unwarping=False,
+        use_textline_orientation=False,
+        text_det_limit_side_len=960,
+        text_det_limit_type="max",
+        text_rec_score_thresh=0.5,
+        device="cpu",
+        engine="paddle_static",
+        engine_config={
+            "run_mode": "mkldnn",
+            "cpu_threads": args.cpu_threads,
+            "enable_new_ir": False,
+            "mkldnn_cache_capacity": 10,
+        },
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--det-model-dir", type=Path, required=True)
@@ -98,32 +128,8 @@ def main() -> None:
     timing = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(timing)
 
-    from paddleocr import PaddleOCR
-
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        det = model_dir(root, "det", args.det_model_dir, DET_YML)
-        rec = model_dir(root, "rec", args.rec_model_dir, rec_yml(args.rec_char_dict_path))
-        ocr = PaddleOCR(
-            text_detection_model_name="PP-OCRv4_mobile_det",
-            text_detection_model_dir=str(det),
-            text_recognition_model_name="PP-OCRv4_mobile_rec",
-            text_recognition_model_dir=str(rec),
-            use_doc_orientation_classify=False,
-            use_doc_unwarping=False,
-            use_textline_orientation=False,
-            text_det_limit_side_len=960,
-            text_det_limit_type="max",
-            text_rec_score_thresh=0.5,
-            device="cpu",
-            engine="paddle_static",
-            engine_config={
-                "run_mode": "mkldnn",
-                "cpu_threads": args.cpu_threads,
-                "enable_new_ir": False,
-                "mkldnn_cache_capacity": 10,
-            },
-        )
+        ocr = build_paddleocr(Path(tmp), args)
 
         def call(data: bytes) -> list[str]:
             # Decoding is inside the timed call, as it is for our adapter.

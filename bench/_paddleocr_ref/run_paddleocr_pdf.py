@@ -38,32 +38,9 @@ def main() -> None:
     timing = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(timing)
 
-    from paddleocr import PaddleOCR
-
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        det = ref.model_dir(root, "det", args.det_model_dir, ref.DET_YML)
-        rec = ref.model_dir(root, "rec", args.rec_model_dir, ref.rec_yml(args.rec_char_dict_path))
-        ocr = PaddleOCR(
-            text_detection_model_name="PP-OCRv4_mobile_det",
-            text_detection_model_dir=str(det),
-            text_recognition_model_name="PP-OCRv4_mobile_rec",
-            text_recognition_model_dir=str(rec),
-            use_doc_orientation_classify=False,
-            use_doc_unwarping=False,
-            use_textline_orientation=False,
-            text_det_limit_side_len=960,
-            text_det_limit_type="max",
-            text_rec_score_thresh=0.5,
-            device="cpu",
-            engine="paddle_static",
-            engine_config={
-                "run_mode": "mkldnn",
-                "cpu_threads": args.cpu_threads,
-                "enable_new_ir": False,
-                "mkldnn_cache_capacity": 10,
-            },
-        )
+        ocr = ref.build_paddleocr(root, args)
         path = str(args.pdf)
 
         def call(_: bytes) -> list[list[str]]:
